@@ -1,0 +1,1 @@
+"""Gemma models, presets and checkpoint converters."""

@@ -1,0 +1,348 @@
+"""Gemma 1, 2 and 3 text decoders in `flax.linen`, faithful to the HF PyTorch reference.
+
+One module family with config switches (see `GemmaConfig`):
+  * Gemma 1: GQA/MQA, RoPE, GeGLU (tanh-GELU), RMSNorm `x*(1+w)`, tied embedding * sqrt(D).
+  * Gemma 2: + post-attention / post-FFW norms, `query_pre_attn_scalar`, alternating
+    local (sliding window) / global layers, attention and final logit soft-caps.
+  * Gemma 3: + QK RMSNorm, per-layer-type RoPE bases (local 10k, global 1M) with linear
+    scaling on global layers, five local layers then one global.
+
+Shapes: B batch, T query length, S key length (cache slots), D model dim, H query heads,
+K kv heads, G = H // K query heads per kv head, Hd head dim, F MLP hidden dim, V vocab.
+
+Masking works on positions rather than slot indices: key `s` is visible to query `t` iff the
+key is a real token, `pos[s] <= pos[t]`, and on local layers `pos[t] - pos[s] < window`. The
+same rule serves a left-padded full forward pass and a KV-cache decode step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+# Large negative logit for masked attention entries; finite so fully masked rows give no NaN.
+K_MASK = -2.3819763e38
+
+LOCAL = "local"
+GLOBAL = "global"
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+  """Architecture of a Gemma text decoder. Field names follow the Gemma papers."""
+
+  vocab_size: int
+  num_layers: int
+  embed_dim: int            # D
+  hidden_dim: int           # F, the MLP inner size
+  num_heads: int            # H
+  num_kv_heads: int         # K (1 = MQA, H = MHA)
+  head_dim: int             # Hd, independent of D
+  version: int = 1          # 1, 2 or 3: picks norm layout and defaults; checked in __post_init__
+  query_pre_attn_scalar: float | None = None   # queries scaled by this**-0.5; None = head_dim
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  sliding_window: int | None = None            # window of LOCAL layers
+  layer_types: tuple[str, ...] | None = None   # per layer LOCAL/GLOBAL; None = all GLOBAL
+  rope_base_global: float = 10_000.0
+  rope_base_local: float = 10_000.0
+  rope_scale_global: float = 1.0               # linear RoPE scaling factor on GLOBAL layers
+  rope_scale_local: float = 1.0
+  use_qk_norm: bool = False
+  use_post_norms: bool = False                 # Gemma 2/3 post-attention and post-FFW norms
+  rms_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32                     # compute dtype
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+  # Token ids of the tokenizer this model was trained with (HF conventions).
+  pad_id: int = 0
+  bos_id: int = 2
+  eos_id: int = 1
+
+  def __post_init__(self):
+    if self.version not in (1, 2, 3):
+      raise ValueError(f"GemmaConfig.version must be 1, 2 or 3, got {self.version}")
+    for name in ("vocab_size", "num_layers", "embed_dim", "hidden_dim", "num_heads",
+                 "num_kv_heads", "head_dim"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"GemmaConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"GemmaConfig.num_heads ({self.num_heads}) must be a multiple of "
+                       f"num_kv_heads ({self.num_kv_heads})")
+    if self.layer_types is not None:
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f"GemmaConfig.layer_types has {len(self.layer_types)} entries, "
+                         f"expected num_layers={self.num_layers}")
+      bad = set(self.layer_types) - {LOCAL, GLOBAL}
+      if bad:
+        raise ValueError(f"GemmaConfig.layer_types entries must be 'local' or 'global', got {bad}")
+      if LOCAL in self.layer_types and not self.sliding_window:
+        raise ValueError("GemmaConfig.sliding_window must be set when some layer is 'local'")
+
+  def layer_type(self, i: int) -> str:
+    return GLOBAL if self.layer_types is None else self.layer_types[i]
+
+  @property
+  def query_scale(self) -> float:
+    scalar = self.query_pre_attn_scalar or self.head_dim
+    return float(scalar) ** -0.5
+
+  def replace(self, **kw) -> "GemmaConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def _dense_init(stddev: float = 0.02):
+  return nn.initializers.normal(stddev=stddev)
+
+
+class RMSNorm(nn.Module):
+  """Gemma RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, computed in f32."""
+
+  eps: float = 1e-6
+  param_dtype: Any = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.eps) * (1.0 + scale.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+def apply_rope(x: Array, positions: Array, base: float, scale: float) -> Array:
+  """Split-half rotary embedding (HF `rotate_half` convention). x: [B, T, N, Hd]; positions [B, T]."""
+  hd = x.shape[-1]
+  inv_freq = 1.0 / (base ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)) / scale
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, Hd/2]
+  cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | None) -> Array:
+  """[B, T, S] bool: key s visible to query t (causal by position, real keys, optional window)."""
+  visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+  if window is not None:
+    visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+  return visible
+
+
+class Attention(nn.Module):
+  config: GemmaConfig
+  layer_type: str
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, kv_ctx: "KVContext") -> tuple[Array, Cache | None]:
+    cfg = self.config
+    d, h, k, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    w_q = self.param("q_einsum", nn.with_logical_partitioning(
+        _dense_init(), ("embed", "q_heads", "head_dim")), (d, h, hd), cfg.param_dtype)
+    w_kv = self.param("kv_einsum", nn.with_logical_partitioning(
+        _dense_init(), ("embed", None, "kv_heads", "head_dim")), (d, 2, k, hd), cfg.param_dtype)
+    w_o = self.param("attn_vec_einsum", nn.with_logical_partitioning(
+        _dense_init(), ("q_heads", "head_dim", "embed")), (h, hd, d), cfg.param_dtype)
+
+    x = x.astype(cfg.dtype)
+    q = jnp.einsum("BTD,DNH->BTNH", x, w_q.astype(cfg.dtype))
+    kv = jnp.einsum("BTD,DCKH->BTCKH", x, w_kv.astype(cfg.dtype))
+    key, value = kv[:, :, 0], kv[:, :, 1]
+    if cfg.use_qk_norm:
+      q = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="query_norm")(q)
+      key = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="key_norm")(key)
+
+    is_local = self.layer_type == LOCAL
+    base = cfg.rope_base_local if is_local else cfg.rope_base_global
+    scale = cfg.rope_scale_local if is_local else cfg.rope_scale_global
+    q = apply_rope(q, positions, base, scale) * jnp.asarray(cfg.query_scale, cfg.dtype)
+    key = apply_rope(key, positions, base, scale)
+
+    key, value, new_cache = kv_ctx.update(key, value)
+    window = cfg.sliding_window if is_local else None
+    mask = attention_mask(positions, kv_ctx.k_pos, kv_ctx.k_valid, window)   # [B, T, S]
+
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, k, h // k, hd)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key,
+                        preferred_element_type=jnp.float32)
+    if cfg.attn_logit_softcap:
+      logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    logits = jnp.where(mask[:, None, None], logits, K_MASK)
+    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, h, hd)
+    out = jnp.einsum("BTNH,NHD->BTD", out, w_o.astype(cfg.dtype))
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """GeGLU: `linear(gelu_tanh(x W_gate) * (x W_up))` with gate and up fused in one matmul."""
+
+  config: GemmaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    w_gu = self.param("gating_einsum", nn.with_logical_partitioning(
+        _dense_init(), ("embed", None, "mlp")), (cfg.embed_dim, 2, cfg.hidden_dim), cfg.param_dtype)
+    w_down = self.param("linear", nn.with_logical_partitioning(
+        _dense_init(), ("mlp", "embed")), (cfg.hidden_dim, cfg.embed_dim), cfg.param_dtype)
+    gu = jnp.einsum("BTD,DCF->BTCF", x.astype(cfg.dtype), w_gu.astype(cfg.dtype))
+    hidden = jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    return jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(cfg.dtype))
+
+
+class Block(nn.Module):
+  config: GemmaConfig
+  layer_type: str
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, kv_ctx: "KVContext"):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)  # noqa: E731
+    h = norm("pre_attention_norm")(x)
+    h, new_cache = Attention(cfg, self.layer_type, name="attn")(h, positions, kv_ctx)
+    if cfg.use_post_norms:
+      h = norm("post_attention_norm")(h)
+    x = x + h
+    h = norm("pre_ffw_norm")(x)
+    h = MLP(cfg, name="mlp")(h)
+    if cfg.use_post_norms:
+      h = norm("post_ffw_norm")(h)
+    x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+    return x, new_cache
+
+
+@flax.struct.dataclass
+class KVContext:
+  """Keys a layer attends to: the current tokens (no cache) or the KV cache after a write.
+
+  k_pos, k_valid: [B, S] positions and realness of the keys (shared by all layers).
+  layer_cache: this layer's {'k', 'v'} [B, S, K, Hd] or None; index: first slot to write.
+  """
+
+  k_pos: Array
+  k_valid: Array
+  layer_cache: Cache | None = None
+  index: Array | None = None
+
+  def update(self, key: Array, value: Array):
+    if self.layer_cache is None:
+      return key, value, None
+    start = (0, self.index, 0, 0)
+    k = jax.lax.dynamic_update_slice(self.layer_cache["k"], key.astype(self.layer_cache["k"].dtype), start)
+    v = jax.lax.dynamic_update_slice(self.layer_cache["v"], value.astype(self.layer_cache["v"].dtype), start)
+    return k.astype(key.dtype), v.astype(value.dtype), {"k": k, "v": v}
+
+
+def init_cache(config: GemmaConfig, batch_size: int, cache_len: int, dtype=None) -> Cache:
+  """Empty KV cache: per-layer k/v [B, S, K, Hd], key positions/validity [B, S], write index."""
+  dtype = dtype or config.dtype
+  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  return {
+      "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                 for _ in range(config.num_layers)],
+      "positions": jnp.zeros((batch_size, cache_len), jnp.int32),
+      "valid": jnp.zeros((batch_size, cache_len), jnp.bool_),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def default_positions(attention_mask: Array) -> Array:
+  """Positions of a left-padded batch: 0 at the first real token (HF `generate` convention)."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Gemma(nn.Module):
+  """Gemma decoder. `apply({'params': p}, tokens [B, T]) -> logits [B, T, V]` in f32.
+
+  attention_mask [B, T]: 1 on real tokens (left padding allowed); positions [B, T] default to
+  `default_positions(attention_mask)`. With `cache=` (from `init_cache`), the tokens are
+  written at `cache['index']` and `(logits, new_cache)` is returned.
+  """
+
+  config: GemmaConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               attention_mask: Array | None = None, cache: Cache | None = None,
+               return_hidden: bool = False):
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if attention_mask is None:
+      attention_mask = jnp.ones(tokens.shape, jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if positions is None:
+      positions = default_positions(attention_mask)
+    positions = positions.astype(jnp.int32)
+
+    embedding = self.param("input_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.embed_dim), cfg.param_dtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
+    x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    if cache is None:
+      k_pos, k_valid, index = positions, attention_mask, None
+    else:
+      index = cache["index"]
+      k_pos = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, index))
+      k_valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, index))
+
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    new_layers = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else cache["layers"][i]
+      ctx = KVContext(k_pos, k_valid, layer_cache, index)
+      x, layer_new = block_cls(cfg, cfg.layer_type(i), name=f"layer_{i}")(x, positions, ctx)
+      new_layers.append(layer_new)
+    x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="final_norm")(x)
+    if return_hidden:
+      out = x
+    else:
+      out = jnp.einsum("BTD,VD->BTV", x, embedding.astype(cfg.dtype),
+                       preferred_element_type=jnp.float32)
+      if cfg.final_logit_softcap:
+        out = jnp.tanh(out / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    if cache is None:
+      return out
+    new_cache = {"layers": new_layers, "positions": k_pos, "valid": k_valid,
+                 "index": index + tokens.shape[1]}
+    return out, new_cache
+
+
+def init_params(config: GemmaConfig, rng: Array, batch_shape: Sequence[int] = (1, 4)):
+  """Random params (unboxed), for tests and toy tasks."""
+  params = Gemma(config).init(rng, jnp.zeros(batch_shape, jnp.int32))["params"]
+  return nn.meta.unbox(params)
+
+
+def param_shapes(config: GemmaConfig):
+  """Abstract param shapes via `jax.eval_shape` (no allocation)."""
+  return jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
+
+
+def count_params(config: GemmaConfig) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(param_shapes(config)))
+
+
+def logical_axes(config: GemmaConfig):
+  """Pytree of logical axis-name tuples matching the params (for `bond.sharding`)."""
+  boxed = jax.eval_shape(lambda r: Gemma(config).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
+                         jax.random.key(0))
+  return nn.get_partition_spec(boxed)

