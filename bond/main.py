@@ -1,26 +1,41 @@
-"""Entry point: `python -m bond.main`. For now: model summary and a greedy continuation."""
+"""Entry point: `python -m bond.main --config=configs/toy_jbond.py --workdir=/tmp/run`.
+
+Modes: train (default), eval (exact toy metrics / samples of the latest checkpoint),
+sample (completions from the configured model), bon (write a best-and-worst-of-N JSONL dataset).
+Any config key is overridable: `--config.bond.beta=0.5`.
+"""
+
+import os
 
 from absl import app, flags
-import jax
-import jax.numpy as jnp
+from ml_collections import config_flags
 
-from bond.models import gemma, presets
-
-FLAGS = flags.DEFINE_string("preset", "tiny_gemma3", "Gemma preset name (bond.models.presets).")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "toy_jbond.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/bond_toy_jbond", "Checkpoints, metrics, plots.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "bon"], "What to run.")
+_PROMPTS = flags.DEFINE_multi_string("prompt", [], "Prompt text(s) for --mode=sample.")
+_OUT = flags.DEFINE_string("out", "", "Output JSONL for --mode=bon (default workdir/bon.jsonl).")
 
 
 def main(argv):
-  del argv
-  config = presets.get(FLAGS.value)
-  params = gemma.init_params(config, jax.random.key(0))
-  n = sum(x.size for x in jax.tree.leaves(params))
-  print(f"{FLAGS.value}: {n:,} params, {config.num_layers} layers, layer types {config.layer_types}")
-  tokens = jnp.array([[config.bos_id, 10, 11, 12]], jnp.int32)
-  model = gemma.Gemma(config)
-  for _ in range(8):
-    logits = model.apply({"params": params}, tokens)
-    tokens = jnp.concatenate([tokens, jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)], axis=1)
-  print("greedy continuation (random weights):", tokens[0].tolist())
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from bond import sharding
+  sharding.maybe_initialize_distributed()
+  from bond import config as config_lib
+  config = _CONFIG.value
+  config_lib.validate(config)      # bad values fail here, before any compute
+  if _MODE.value == "train":
+    from bond import train
+    train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == "sample":
+    from bond import cli
+    cli.sample(config, _PROMPTS.value)
+  else:
+    from bond import cli
+    cli.write_bon(config, _OUT.value or os.path.join(_WORKDIR.value, "bon.jsonl"))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,16 @@ def _dense_init(stddev: float = 0.02):
   return nn.initializers.normal(stddev=stddev)
 
 
+def _einsum(equation: str, x: Array, w: Array, dtype: Any) -> Array:
+  """`einsum` of x and w cast to `dtype`, accumulated in f32, result in `dtype`.
+
+  Same numbers as a plain `dtype` einsum (which accumulates in f32 too), but XLA:CPU runs
+  bf16 x bf16 -> f32 dots natively while it upcasts bf16 -> bf16 dots, weights included, to f32.
+  """
+  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
+
+
 class RMSNorm(nn.Module):
   """Gemma RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, computed in f32."""
 
@@ -157,8 +167,8 @@ class Attention(nn.Module):
         _dense_init(), ("q_heads", "head_dim", "embed")), (h, hd, d), cfg.param_dtype)
 
     x = x.astype(cfg.dtype)
-    q = jnp.einsum("BTD,DNH->BTNH", x, w_q.astype(cfg.dtype))
-    kv = jnp.einsum("BTD,DCKH->BTCKH", x, w_kv.astype(cfg.dtype))
+    q = _einsum("BTD,DNH->BTNH", x, w_q, cfg.dtype)
+    kv = _einsum("BTD,DCKH->BTCKH", x, w_kv, cfg.dtype)
     key, value = kv[:, :, 0], kv[:, :, 1]
     if cfg.use_qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="query_norm")(q)
@@ -182,8 +192,8 @@ class Attention(nn.Module):
       logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     logits = jnp.where(mask[:, None, None], logits, K_MASK)
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, h, hd)
-    out = jnp.einsum("BTNH,NHD->BTD", out, w_o.astype(cfg.dtype))
+    out = _einsum("BKGTS,BSKH->BTKGH", probs, value, cfg.dtype).reshape(b, t, h, hd)
+    out = _einsum("BTNH,NHD->BTD", out, w_o, cfg.dtype)
     return out, new_cache
 
 
@@ -199,10 +209,10 @@ class MLP(nn.Module):
         _dense_init(), ("embed", None, "mlp")), (cfg.embed_dim, 2, cfg.hidden_dim), cfg.param_dtype)
     w_down = self.param("linear", nn.with_logical_partitioning(
         _dense_init(), ("mlp", "embed")), (cfg.hidden_dim, cfg.embed_dim), cfg.param_dtype)
-    gu = jnp.einsum("BTD,DCF->BTCF", x.astype(cfg.dtype), w_gu.astype(cfg.dtype))
+    gu = _einsum("BTD,DCF->BTCF", x, w_gu, cfg.dtype)
     hidden = jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    return jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(cfg.dtype))
+    return _einsum("BTF,FD->BTD", hidden, w_down, cfg.dtype)
 
 
 class Block(nn.Module):
@@ -291,7 +301,7 @@ class Gemma(nn.Module):
     positions = positions.astype(jnp.int32)
 
     embedding = self.param("input_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        _dense_init(), ("vocab", "embed")),
         (cfg.vocab_size, cfg.embed_dim), cfg.param_dtype)
     x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
     x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)

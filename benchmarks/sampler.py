@@ -1,0 +1,164 @@
+"""Decode speed of `bond.sampling.sample` against HF `generate` (PyTorch, KV cache), same weights.
+
+For each model and batch size B (one sample per prompt, 16-token prompts, T new tokens, no eos,
+temperature 1 sampling on both sides) it prints our tokens/s, HF's tokens/s, their ratio, and our
+fraction of a roofline measured in this run: per decode step, max(bytes / memory bandwidth,
+FLOPs / matmul peak), bytes = weights + KV cache read, FLOPs = 2 * params * B + attention.
+Compile time is reported separately. A last block times N samples of B prompts (one prefill per
+prompt) against B * N copied prompts (one prefill per row).
+
+  python benchmarks/sampler.py                      # all models (~5 min on 2 cores)
+  python benchmarks/sampler.py --models gemma3_35m:bf16 --batches 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bond import sampling
+from bond.models import convert, gemma, presets
+
+PROMPT_LEN = 16
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+
+
+def best_time(fn, repeats: int) -> float:
+  """Best wall time of `repeats` calls of fn (which blocks until done)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def memory_bandwidth() -> float:
+  """Bytes/s of a jitted reduction over a 512 MiB random array (read once)."""
+  x = jax.random.normal(jax.random.key(0), (128 * 2**20,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  return x.nbytes / best_time(lambda: total(x).block_until_ready(), 5)
+
+
+def matmul_peak(dtype) -> float:
+  """FLOP/s of a large jitted matmul in `dtype` (f32 accumulation)."""
+  m, k, n = 512, 2048, 2048
+  a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  mm(a, b).block_until_ready()
+  return 2 * m * k * n / best_time(lambda: mm(a, b).block_until_ready(), 5)
+
+
+def roofline_step(config, params, rows: int, cache_len: int, bandwidth: float,
+                  peak: float) -> float:
+  """Lower bound (s) on one decode step of `rows` rows."""
+  itemsize = jnp.dtype(config.dtype).itemsize
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  kv = 2 * config.num_layers * rows * cache_len * config.num_kv_heads * config.head_dim
+  bytes_ = n_params * itemsize + kv * itemsize
+  flops = 2 * n_params * rows + 2 * kv * config.num_heads // config.num_kv_heads
+  return max(bytes_ / bandwidth, flops / peak)
+
+
+def load(model: str, dtype):
+  """(config, params, HF torch model) with the same weights in `dtype`."""
+  import torch
+  import transformers
+  torch_dtype = {jnp.bfloat16: torch.bfloat16, jnp.float32: torch.float32}[dtype]
+  if model == "gemma3_270m_gguf":
+    from bond import assets
+    path = assets.gemma3_270m_gguf_path()
+    config, params = convert.from_gguf(path, dtype=dtype, param_dtype=dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch_dtype)
+  else:
+    config = presets.get(model, dtype=dtype, param_dtype=dtype)
+    params = gemma.init_params(config.replace(dtype=jnp.float32, param_dtype=jnp.float32),
+                               jax.random.key(0))
+    with tempfile.TemporaryDirectory() as tmp:
+      convert.to_hf(config, params, tmp)
+      hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+  return config, params, hf.eval()
+
+
+def prompts(config, batch: int, length: int = PROMPT_LEN):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, min(config.vocab_size, 30_000), (batch, length)).astype(np.int32)
+  return tokens, np.ones_like(tokens, bool)
+
+
+def ours(config, params, tokens, mask, new_tokens: int, repeats: int, num_samples: int = 1):
+  """(compile s, best run s) of `sample`."""
+  run = lambda: sampling.sample(config, params, tokens, mask, jax.random.key(0),  # noqa: E731
+                                max_new_tokens=new_tokens, num_samples=num_samples,
+                                eos_id=None).tokens.block_until_ready()
+  first = best_time(run, 1)
+  best = best_time(run, repeats)
+  return first - best, best
+
+
+def hf_generate(hf, tokens, mask, new_tokens: int) -> float:
+  import torch
+  ids, attn = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+  gen = lambda n: hf.generate(ids, attention_mask=attn, max_new_tokens=n,  # noqa: E731
+                              min_new_tokens=n, do_sample=True, top_k=0, top_p=1.0,
+                              temperature=1.0, pad_token_id=0)
+  with torch.no_grad():
+    gen(2)
+    return best_time(lambda: gen(new_tokens), 1)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default="gemma3_35m:bf16,gemma3_35m:f32,gemma3_270m_gguf:bf16")
+  parser.add_argument("--batches", default="1,8,32")
+  parser.add_argument("--new_tokens", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=2)
+  args = parser.parse_args()
+
+  import torch
+  torch.set_num_threads(2)
+  bandwidth = memory_bandwidth()
+  peaks = {name: matmul_peak(dt) for name, dt in DTYPES.items()}
+  print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  load: "
+        f"{os.getloadavg()[0]:.1f}")
+  print(f"measured: memory {bandwidth / 1e9:.1f} GB/s, matmul peak "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+  t = args.new_tokens
+  print(f"{'model':>24} {'B':>3} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} "
+        f"{'ms/step':>8} {'roofline':>9} {'compile s':>9}")
+  for spec in args.models.split(","):
+    model, dtype_name = spec.split(":")
+    config, params, hf = load(model, DTYPES[dtype_name])
+    for b in [int(x) for x in args.batches.split(",")]:
+      tokens, mask = prompts(config, b)
+      compile_s, run_s = ours(config, params, tokens, mask, t, args.repeats)
+      hf_s = hf_generate(hf, tokens, mask, t)
+      floor = roofline_step(config, params, b, PROMPT_LEN + t, bandwidth, peaks[dtype_name])
+      print(f"{model + ':' + dtype_name:>24} {b:>3} {b * t / run_s:>10.0f} {b * t / hf_s:>9.0f} "
+            f"{hf_s / run_s:>6.2f} {run_s / t * 1e3:>8.2f} {floor * t / run_s:>8.0%} "
+            f"{compile_s:>9.1f}", flush=True)
+    del hf
+
+  # One prefill per prompt: N samples of B prompts vs B * N copies of the prompts.
+  config, params, _ = load("gemma3_35m", jnp.bfloat16)
+  b, n, long_prompt, few = 4, 8, 512, 8
+  tokens, mask = prompts(config, b, long_prompt)
+  shared = ours(config, params, tokens, mask, few, args.repeats, num_samples=n)[1]
+  copied = ours(config, params, np.repeat(tokens, n, 0), np.repeat(mask, n, 0), few,
+                args.repeats)[1]
+  print(f"prefill sharing (gemma3_35m bf16, B={b} prompts of {long_prompt} tokens, N={n}, "
+        f"{few} new tokens): num_samples=N {shared * 1e3:.0f} ms vs B*N copied prompts "
+        f"{copied * 1e3:.0f} ms, speed-up {copied / shared:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,139 @@
+"""Prompt and preference-pair datasets: toy task, JSONL, TFDS (`tfds.data_source`, no TensorFlow).
+
+Every dataset is a random-access table of fixed-shape NumPy examples. Iteration is stateless:
+the batch of step `s` is a pure function of (seed, s), drawn from a fresh permutation each epoch,
+so the iterator position that a checkpoint stores is the step itself and resume is exact. Each
+process takes its contiguous slice of the global batch (`process_index`, `process_count`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Table:
+  """Columns of equal length: name -> [num_examples, ...] NumPy arrays."""
+
+  columns: dict[str, np.ndarray]
+  counters: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    lengths = {k: len(v) for k, v in self.columns.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"dataset columns have different lengths: {lengths}")
+    if not lengths or next(iter(lengths.values())) == 0:
+      raise ValueError("dataset is empty")
+
+  def __len__(self) -> int:
+    return len(next(iter(self.columns.values())))
+
+
+def batch_indices(num_examples: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+  """Global example indices of step `step`: consecutive positions of per-epoch permutations."""
+  positions = step * batch_size + np.arange(batch_size)
+  epochs, offsets = np.divmod(positions, num_examples)
+  out = np.empty(batch_size, np.int64)
+  for epoch in np.unique(epochs):
+    perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+    sel = epochs == epoch
+    out[sel] = perm[offsets[sel]]
+  return out
+
+
+def get_batch(table: Table, step: int, batch_size: int, seed: int, process_index: int = 0,
+              process_count: int = 1) -> dict[str, np.ndarray]:
+  """This process's slice of the global batch of step `step`."""
+  if batch_size % process_count:
+    raise ValueError(f"data.batch_size ({batch_size}) must be divisible by the number of "
+                     f"processes ({process_count})")
+  idx = batch_indices(len(table), step, batch_size, seed)
+  per = batch_size // process_count
+  idx = idx[process_index * per:(process_index + 1) * per]
+  return {k: v[idx] for k, v in table.columns.items()}
+
+
+def _encode(tokenizer, texts: Sequence[str], max_len: int, add_bos: bool, counters,
+            name: str, left: bool):
+  """Encode and pad to exactly `max_len` (left-padded prompts, right-padded completions)."""
+  tokens = np.full((len(texts), max_len), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(texts), max_len), bool)
+  for i, text in enumerate(texts):
+    ids = tokenizer.encode(text, add_bos=add_bos)
+    if len(ids) > max_len:
+      counters[f"{name}_truncated"] += 1
+      ids = ids[-max_len:] if left else ids[:max_len]
+    if left:
+      tokens[i, max_len - len(ids):], mask[i, max_len - len(ids):] = ids, True
+    else:
+      tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
+  return tokens, mask
+
+
+def prompt_table(texts: Sequence[str], tokenizer, max_prompt_len: int,
+                 template: str = "{}") -> Table:
+  counters = collections.Counter(examples=len(texts))
+  texts = [template.format(t) for t in texts]
+  tokens, mask = _encode(tokenizer, texts, max_prompt_len, True, counters, "prompt", left=True)
+  return Table({"prompt_tokens": tokens, "prompt_mask": mask}, dict(counters))
+
+
+def pairs_table(records: Sequence[dict], tokenizer, max_prompt_len: int,
+                max_completion_len: int) -> Table:
+  """Preference pairs {prompt, chosen, rejected} (BoN data also accepts best/worst)."""
+  counters = collections.Counter(examples=len(records))
+  get = lambda r, a, b: r[a] if a in r else r[b]  # noqa: E731
+  try:
+    prompts = [r["prompt"] for r in records]
+    chosen = [get(r, "chosen", "best") for r in records]
+    rejected = [get(r, "rejected", "worst") for r in records]
+  except KeyError as e:
+    raise ValueError(f"preference records need 'prompt', 'chosen'/'best' and 'rejected'/'worst' "
+                     f"fields; missing {e}") from None
+  cols = {}
+  cols["prompt_tokens"], cols["prompt_mask"] = _encode(
+      tokenizer, prompts, max_prompt_len, True, counters, "prompt", left=True)
+  for name, texts in (("chosen", chosen), ("rejected", rejected)):
+    cols[f"{name}_tokens"], cols[f"{name}_mask"] = _encode(
+        tokenizer, texts, max_completion_len, False, counters, name, left=False)
+  return Table(cols, dict(counters))
+
+
+def read_jsonl(path: str) -> list[dict]:
+  records = []
+  with open(path) as f:
+    for line_no, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+  if not records:
+    raise ValueError(f"{path} holds no records")
+  return records
+
+
+def jsonl_prompts(path: str, key: str = "prompt") -> list[str]:
+  records = read_jsonl(path)
+  missing = [i for i, r in enumerate(records) if key not in r]
+  if missing:
+    raise ValueError(f"{path}: records {missing[:5]} have no field {key!r} (data.prompt_key)")
+  return [r[key] for r in records]
+
+
+def tfds_prompts(name: str, split: str, key: str, data_dir: str | None = None,
+                 limit: int | None = None) -> list[str]:
+  """Prompt texts from a TFDS dataset through the random-access `data_source` API."""
+  import tensorflow_datasets as tfds  # heavy import, only when used
+  source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  n = len(source) if limit is None else min(limit, len(source))
+  texts = []
+  for i in range(n):
+    value = source[i][key]
+    texts.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+  return texts

@@ -1,0 +1,336 @@
+"""Losses for Best-of-N alignment: BOND, J-BOND, BoNBoN and their baselines.
+
+Every objective is a pure function of per-sequence log-probabilities (sums of token log-probs
+over the completion mask, see `sequence_log_probs`) and returns `(loss, metrics)`; minimising
+`loss` follows the paper's update. Shapes: B prompts, S policy samples per prompt, T time, V vocab.
+`mask` arguments are optional per-prompt validity masks [B] (or per-sample [B, S]); masked
+entries never reach a loss, a gradient, a baseline or a metric.
+
+Score-function (policy-gradient) losses are written as
+
+    loss = mean(−R) − mean(sg(R − b) · (log π − sg(log π)))
+
+(sg = stop_gradient): the value is the Monte-Carlo estimate of the objective being minimised,
+E_π[−R], and the gradient is the score-function estimate −E_π[(R − b)·∇log π]. The baseline b of a
+sample never depends on that sample, so it leaves the expected gradient unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+# J-BOND penalty for a policy sample that loses to both anchor samples (BOND §5: r = −log 16).
+JBOND_PENALTY = math.log(16.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities.
+
+def token_log_probs(logits: Array, targets: Array) -> Array:
+  """log softmax(logits)[target] in f32: logits [B, T, V], targets [B, T] -> [B, T].
+
+  logits[:, t] must already be the prediction for targets[:, t] (the caller shifts).
+  Computed as logit − logsumexp(logits), which never materialises a second [B, T, V] array.
+  """
+  chex.assert_rank(logits, 3)
+  chex.assert_shape(targets, logits.shape[:2])
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sequence_log_probs(logits: Array, targets: Array, mask: Array) -> Array:
+  """log π(y) = Σ_t mask[t]·log π(y_t | y_<t): logits [B, T, V], targets, mask [B, T] -> [B].
+
+  Padded positions are never scored: their targets are replaced by a valid id and their
+  token log-probs (even NaN or inf ones) by 0 before the sum.
+  """
+  chex.assert_equal_shape([targets, mask])
+  mask = mask.astype(jnp.bool_)
+  per_token = token_log_probs(logits, jnp.where(mask, targets, 0))
+  return jnp.sum(jnp.where(mask, per_token, 0.0), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces.
+
+def _valid(x: Array, mask: Array | None) -> Array:
+  """Bool mask shaped like x: a [B] mask broadcasts over trailing sample axes."""
+  if mask is None:
+    return jnp.ones(x.shape, jnp.bool_)
+  mask = jnp.asarray(mask).astype(jnp.bool_)
+  return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x.shape)
+
+
+def _masked_mean(x: Array, mask: Array | None) -> Array:
+  valid = _valid(x, mask)
+  total = jnp.sum(jnp.where(valid, x.astype(jnp.float32), 0.0))
+  return total / jnp.maximum(jnp.sum(valid), 1)
+
+
+def _leave_one_out_mean(x: Array, mask: Array | None, axis: int) -> Array:
+  """b_i = mean of x_j over the valid j ≠ i along `axis` (0 when there is no other sample).
+
+  b_i never looks at x_i, so as a baseline it keeps the score-function estimator unbiased.
+  """
+  valid = _valid(x, mask)
+  x = jnp.where(valid, x, 0.0)
+  others_sum = jnp.sum(x, axis=axis, keepdims=True) - x
+  others_count = jnp.sum(valid, axis=axis, keepdims=True) - valid
+  return jnp.where(others_count > 0, others_sum / jnp.maximum(others_count, 1), 0.0)
+
+
+def _policy_gradient(policy_logp: Array, rewards: Array, baseline: Array,
+                     mask: Array | None) -> Array:
+  """Value E[−R], gradient −E[(R − b)·∇log π]: the score-function surrogate of the module doc."""
+  valid = _valid(policy_logp, mask)   # masked rewards may be NaN: zero them before any product
+  rewards = jnp.where(valid, jax.lax.stop_gradient(rewards), 0.0)
+  advantage = jnp.where(valid, jax.lax.stop_gradient(rewards - baseline), 0.0)
+  zero_valued = policy_logp - jax.lax.stop_gradient(policy_logp)
+  return _masked_mean(-rewards - advantage * zero_valued, mask)
+
+
+def _kl_regularised_policy_gradient(policy_logp: Array, ref_logp: Array, rewards: Array,
+                                    beta: float | Array, mask: Array | None) -> tuple[Array, Array]:
+  """Maximises E_π[r] − β·KL(π‖π_ref) with R = r − β·(log π − log π_ref) and an RLOO baseline.
+
+  policy_logp, ref_logp, rewards: [B, S] with S ≥ 2 samples of each prompt. Returns the loss and
+  the per-sample KL estimates [B, S].
+  """
+  chex.assert_rank(policy_logp, 2)
+  chex.assert_equal_shape([policy_logp, ref_logp, rewards])
+  if policy_logp.shape[1] < 2:
+    raise ValueError("the leave-one-out (RLOO) baseline needs at least 2 policy samples per "
+                     f"prompt, got S={policy_logp.shape[1]}")
+  log_ratio = jax.lax.stop_gradient(policy_logp - ref_logp)
+  total_reward = rewards - beta * log_ratio
+  baseline = _leave_one_out_mean(total_reward, mask, axis=1)
+  return _policy_gradient(policy_logp, total_reward, baseline, mask), log_ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# BOND (Sessa et al. 2024, §3-§5).
+
+def sft_loss(policy_logp: Array, mask: Array | None = None) -> tuple[Array, Metrics]:
+  """Supervised fine-tuning: L = −E[log π_θ(y)], log π summed over tokens (not length-normalised).
+
+  policy_logp: [B] log π_θ of the demonstrations.
+  """
+  nll = _masked_mean(-policy_logp, mask)
+  return nll, {"nll": nll}
+
+
+def forward_kl_loss(policy_logp_best: Array, mask: Array | None = None
+                    ) -> tuple[Array, Metrics]:
+  """Forward-KL BOND (BOND §3): KL(π_BoN ‖ π_θ) = −E_{y∼π_BoN}[log π_θ(y)] + const.
+
+  policy_logp_best: [B] log π_θ of the best of N reference (or anchor) samples of each prompt,
+  an exact sample of π_BoN; the loss is SFT on it (mode-covering).
+  """
+  return sft_loss(policy_logp_best, mask)
+
+
+def backward_kl_loss(policy_logp: Array, ref_logp: Array, log_quantile: Array, n: int,
+                     mask: Array | None = None) -> tuple[Array, Metrics]:
+  """Backward-KL BOND (BOND §3): KL(π_θ ‖ π_BoN) = E_π[log π_θ − log π_ref − (N−1)·log p≤] − log N.
+
+  Gradient E_{y∼π_θ}[∇log π_θ(y)·(log π_θ(y) − log π_ref(y) − (N−1)·log p̂≤(y))]: policy gradient
+  with reward (N−1)·log p̂≤ and a unit-weight KL to π_ref, RLOO baseline over the S ≥ 2 samples
+  (mode-seeking); `kl_to_bon` = loss − log N. The identity is BOND Thm 1 for continuous rewards;
+  with ties or heavy atoms the optimum is π_ref·p≤^(N−1)/Z, close to but not exactly π_BoN.
+
+  policy_logp, ref_logp, log_quantile: [B, S] for S policy samples of each prompt; log_quantile
+  is log p̂≤(y) (bon.log_quantile_estimate) under π_ref or the anchor, matching ref_logp.
+  """
+  bond_reward = jnp.asarray(log_quantile, jnp.float32)
+  loss, log_ratio = _kl_regularised_policy_gradient(
+      policy_logp, ref_logp, (n - 1) * bond_reward, 1.0, mask)
+  return loss, {"bond_reward": _masked_mean(bond_reward, mask),
+                "kl_to_ref": _masked_mean(log_ratio, mask),
+                "kl_to_bon": loss - math.log(n)}
+
+
+def jeffreys_loss(policy_logp_best: Array, policy_logp: Array, ref_logp: Array,
+                  log_quantile: Array, *, n: int, beta: float | Array,
+                  mask: Array | None = None) -> tuple[Array, Metrics]:
+  """Jeffreys BOND (BOND §3): J_β = (1−β)·KL(π_BoN ‖ π_θ) + β·KL(π_θ ‖ π_BoN), β ∈ [0, 1].
+
+  policy_logp_best: [B] as in `forward_kl_loss`; the rest: [B, S] as in `backward_kl_loss`.
+  """
+  fwd, fwd_metrics = forward_kl_loss(policy_logp_best, mask)
+  bwd, bwd_metrics = backward_kl_loss(policy_logp, ref_logp, log_quantile, n, mask)
+  metrics = {"backward/loss": bwd}
+  metrics.update({f"forward/{k}": v for k, v in fwd_metrics.items()})
+  metrics.update({f"backward/{k}": v for k, v in bwd_metrics.items()})
+  return (1.0 - beta) * fwd + beta * bwd, metrics
+
+
+def jbond_loss(policy_logp_anchor_best: Array, policy_logp_sample: Array,
+               anchor_logp_sample: Array, sample_beats_anchor: Array, *, beta: float | Array,
+               gamma: float | Array, penalty: float = JBOND_PENALTY,
+               mask: Array | None = None) -> tuple[Array, Metrics]:
+  """J-BOND (BOND §5, Algorithm 2): L = (1−β)·G_FW + β·G_BW + γ·G_KL, one policy sample y.
+
+    G_FW = −log π_θ(y'_best), y'_best the better of 2 anchor samples (Best-of-2 of the anchor);
+    G_BW: policy gradient on y with reward r_J(y) − log π_θ(y)/π_anchor(y),
+          r_J(y) = 0 if y beats at least one anchor sample else −penalty (paper: −log 16);
+    G_KL: score-function gradient of KL(π_θ ‖ π_anchor) estimated on y.
+
+  Inputs are [B]: log π_θ(y'_best), log π_θ(y), log π_anchor(y), and whether y beats an anchor
+  sample (the caller decides ties; with p̂≤ from the 2 anchor samples, "beats" is p̂≤(y) > 0).
+  With a single sample per prompt there is no RLOO: the baseline of prompt b is the mean reward
+  of the other prompts of the batch, which is independent of y_b (unbiased) and removes the
+  common offset (e.g. −penalty·P[lose]) that dominates the variance of plain REINFORCE.
+  """
+  chex.assert_rank(policy_logp_sample, 1)
+  chex.assert_equal_shape([policy_logp_anchor_best, policy_logp_sample, anchor_logp_sample,
+                           sample_beats_anchor])
+  fwd, _ = forward_kl_loss(policy_logp_anchor_best, mask)
+  log_ratio = jax.lax.stop_gradient(policy_logp_sample - anchor_logp_sample)
+  jbond_reward = jnp.where(sample_beats_anchor, 0.0, -penalty)
+
+  def policy_gradient(rewards):
+    return _policy_gradient(policy_logp_sample, rewards,
+                            _leave_one_out_mean(rewards, mask, axis=0), mask)
+
+  bwd = policy_gradient(jbond_reward - log_ratio)
+  kl = policy_gradient(-log_ratio)
+  loss = (1.0 - beta) * fwd + beta * bwd + gamma * kl
+  return loss, {"forward/nll": fwd, "backward/loss": bwd, "kl_to_anchor": kl,
+                "jbond_reward": _masked_mean(jbond_reward, mask),
+                "win_rate_vs_anchor": _masked_mean(sample_beats_anchor.astype(jnp.float32), mask)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference losses: DPO, IPO, BoNBoN (Gui et al. 2024, §6 of algorithms.md).
+
+def _log_ratio_margin(policy_logp_w: Array, policy_logp_l: Array, ref_logp_w: Array,
+                      ref_logp_l: Array) -> tuple[Array, Metrics]:
+  """h = log[π(y_w)·π_0(y_l) / (π(y_l)·π_0(y_w))], all inputs [B] -> [B]."""
+  chex.assert_equal_shape([policy_logp_w, policy_logp_l, ref_logp_w, ref_logp_l])
+  chosen = policy_logp_w - ref_logp_w
+  rejected = policy_logp_l - ref_logp_l
+  return chosen - rejected, {"chosen_log_ratio": chosen, "rejected_log_ratio": rejected}
+
+
+def _preference_metrics(h: Array, parts: Metrics, mask: Array | None) -> Metrics:
+  metrics = {"margin": h, "accuracy": (h > 0).astype(jnp.float32), **parts}
+  return {k: _masked_mean(v, mask) for k, v in metrics.items()}
+
+
+def dpo_loss(policy_logp_w: Array, policy_logp_l: Array, ref_logp_w: Array, ref_logp_l: Array,
+             *, beta: float | Array, mask: Array | None = None) -> tuple[Array, Metrics]:
+  """DPO: L = −log σ(β·h), h = log[π(y_w)π_0(y_l) / (π(y_l)π_0(y_w))]; inputs [B]."""
+  h, parts = _log_ratio_margin(policy_logp_w, policy_logp_l, ref_logp_w, ref_logp_l)
+  return _masked_mean(jax.nn.softplus(-beta * h), mask), _preference_metrics(h, parts, mask)
+
+
+def ipo_loss(policy_logp_w: Array, policy_logp_l: Array, ref_logp_w: Array, ref_logp_l: Array,
+             *, beta: float | Array, mask: Array | None = None) -> tuple[Array, Metrics]:
+  """IPO: L = (h − 1/(2β))², h as in `dpo_loss`; inputs [B]. Minimised at E[h] = 1/(2β)."""
+  h, parts = _log_ratio_margin(policy_logp_w, policy_logp_l, ref_logp_w, ref_logp_l)
+  return _masked_mean(jnp.square(h - 1.0 / (2.0 * beta)), mask), _preference_metrics(h, parts, mask)
+
+
+def bonbon_loss(policy_logp_best: Array, policy_logp_worst: Array, ref_logp_best: Array,
+                ref_logp_worst: Array, *, alpha: float | Array, beta: float | Array,
+                mask: Array | None = None) -> tuple[Array, Metrics]:
+  """BoNBoN (Gui et al. 2024): L = α·L_SFT(best) + (1−α)·L_IPO(best vs worst; β).
+
+  On best-and-worst-of-n samples of π_0 with β = β*_n = 1/(2(n−1)H_{n−1}) (bon.beta_star) the IPO
+  target h = 1/(2β*_n) is the expected best-vs-worst log-ratio of π_BoN. L_SFT is summed over
+  tokens, not length-normalised, as in the authors' trainers.py; paper: α = 0.005, n = 8.
+  Inputs [B].
+  """
+  sft, _ = sft_loss(policy_logp_best, mask)
+  ipo, metrics = ipo_loss(policy_logp_best, policy_logp_worst, ref_logp_best, ref_logp_worst,
+                          beta=beta, mask=mask)
+  return alpha * sft + (1.0 - alpha) * ipo, {"sft": sft, "ipo": ipo, **metrics}
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: REINFORCE with KL, reward model.
+
+def reinforce_loss(policy_logp: Array, ref_logp: Array, rewards: Array, beta_rl: float | Array,
+                   mask: Array | None = None) -> tuple[Array, Metrics]:
+  """REINFORCE with KL (algorithms.md §7): maximise E_{y∼π_θ}[r(y)] − β_RL·KL(π_θ ‖ π_ref).
+
+  The per-sample KL estimate log π_θ(y) − log π_ref(y) is folded into the reward,
+  R = r − β_RL·(log π_θ − log π_ref), with an RLOO baseline over the S ≥ 2 samples of a prompt.
+  policy_logp, ref_logp, rewards: [B, S]. The loss value is −(E[r] − β_RL·KL).
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+  loss, log_ratio = _kl_regularised_policy_gradient(policy_logp, ref_logp, rewards, beta_rl, mask)
+  return loss, {"reward": _masked_mean(rewards, mask), "kl_to_ref": _masked_mean(log_ratio, mask)}
+
+
+def reward_model_loss(reward_w: Array, reward_l: Array, mask: Array | None = None
+                      ) -> tuple[Array, Metrics]:
+  """Bradley–Terry reward model: L = −log σ(r(y_w) − r(y_l)); inputs [B] scalar rewards."""
+  chex.assert_equal_shape([reward_w, reward_l])
+  margin = reward_w.astype(jnp.float32) - reward_l.astype(jnp.float32)
+  loss = _masked_mean(jax.nn.softplus(-margin), mask)
+  return loss, {"accuracy": _masked_mean((margin > 0).astype(jnp.float32), mask),
+                "margin": _masked_mean(margin, mask)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameter validation and the registry.
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key -> (check, allowed range as written in the error).
+_HPARAM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "beta": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),            # Jeffreys / J-BOND mix
+    "eta": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),             # anchor EMA
+    "alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),           # BoNBoN SFT weight
+    "gamma": (lambda v: v >= 0.0, ">= 0"),                       # J-BOND KL-to-anchor weight
+    "beta_rl": (lambda v: v >= 0.0, ">= 0"),
+    "beta_ipo": (lambda v: v > 0.0, "> 0"),                      # DPO/IPO/BoNBoN β
+    "jbond_penalty": (lambda v: v >= 0.0, ">= 0"),
+    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),   # Best-of-N
+    "k": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),   # quantile samples
+    "swap_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def validate_hparams(hparams: Mapping[str, Any], section: str = "bond") -> None:
+  """Raises ValueError naming the key for an out-of-range hyper-parameter, e.g.
+  "bond.beta must be in [0, 1], got 1.5". Keys without a rule are ignored.
+  """
+  for key, (check, allowed) in _HPARAM_RULES.items():
+    if key in hparams and not check(hparams[key]):
+      raise ValueError(f"{section}.{key} must be {allowed}, got {hparams[key]!r}")
+
+
+# Names are the values of `config.bond.objective`.
+OBJECTIVES: dict[str, Callable[..., tuple[Array, Metrics]]] = {
+    "bond_fwd": forward_kl_loss,
+    "bond_bwd": backward_kl_loss,
+    "bond_jeffreys": jeffreys_loss,
+    "jbond": jbond_loss,
+    "bonbon": bonbon_loss,
+    "sft": sft_loss,
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "reinforce": reinforce_loss,
+    "reward_model": reward_model_loss,
+}
+
+
+def get_objective(name: str) -> Callable[..., tuple[Array, Metrics]]:
+  """The objective registered as `name` (a value of `config.bond.objective`)."""
+  if name not in OBJECTIVES:
+    known = ", ".join(sorted(OBJECTIVES))
+    raise ValueError(f"unknown objective {name!r}; known objectives: {known}")
+  return OBJECTIVES[name]

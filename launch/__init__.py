@@ -1,0 +1,1 @@
+"""Launchers for bond: `python -m launch.tpu_vm` (Cloud TPU VMs and pods)."""

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random HF PyTorch Gemma 1/2/3 models (the reference) and padded batches."""
+
+import numpy as np
+import pytest
+
+VOCAB = 128
+# GQA (4 heads, 2 kv heads), head_dim 24 != hidden/heads = 16, 6 layers so Gemma 3 has a global one.
+TINY_HF = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+               initializer_range=0.1)
+TINY_HF_BY_VERSION = {
+    1: dict(),
+    # Window 4 < sequence length; caps small enough to bite on these logits.
+    2: dict(sliding_window=4, query_pre_attn_scalar=20, attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0),
+    3: dict(sliding_window=4, query_pre_attn_scalar=20, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+}
+
+
+@pytest.fixture(scope="session")
+def torch():
+  import torch
+  torch.set_num_threads(2)
+  return torch
+
+
+def hf_config(version: int, **overrides):
+  import transformers
+  cls = {1: transformers.GemmaConfig, 2: transformers.Gemma2Config,
+         3: transformers.Gemma3TextConfig}[version]
+  return cls(**{**TINY_HF, **TINY_HF_BY_VERSION[version], **overrides},
+             attn_implementation="eager")
+
+
+def build_hf_model(version: int, seed: int = 0, **overrides):
+  """Random tiny HF causal LM with random non-zero norm weights (exercises the `1 + w`)."""
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  cls = {1: transformers.GemmaForCausalLM, 2: transformers.Gemma2ForCausalLM,
+         3: transformers.Gemma3ForCausalLM}[version]
+  model = cls(hf_config(version, **overrides)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.normal_(0.0, 0.5)
+  return model
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=["gemma1", "gemma2", "gemma3"])
+def hf_model_dir(request, tmp_path_factory, torch):
+  """(version, HF model, directory it was saved to)."""
+  model = build_hf_model(request.param)
+  path = tmp_path_factory.mktemp(f"gemma{request.param}")
+  model.save_pretrained(path)
+  return request.param, model, str(path)
+
+
+def padded_batch(lengths=(12, 7, 10), width=12, seed=0):
+  """LEFT-padded random tokens [B, P] (ids >= 3, pad 0) and mask [B, P]."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, VOCAB, (len(lengths), width)).astype(np.int32)
+  mask = np.arange(width)[None, :] >= width - np.asarray(lengths)[:, None]
+  return np.where(mask, tokens, 0).astype(np.int32), mask
+
+
+def hf_logits(model, tokens, mask):
+  """Reference logits [B, T, V] with explicit positions cumsum(mask) - 1 clipped at 0."""
+  import torch
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                position_ids=torch.tensor(positions, dtype=torch.long))
+  return out.logits.float().numpy()
