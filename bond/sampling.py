@@ -17,7 +17,6 @@ so a row's sample never depends on the other rows. Log-probs are computed in f32
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax

@@ -67,6 +67,7 @@ def load_model(config, task: toy.ToyTask | None):
     if task is None:
       raise ValueError("model.preset='toy' needs data.source='toy'")
     model_config = toy.model_config(task, **_model_dtypes(config))
+    return model_config, toy.init_policy(task, jax.random.PRNGKey(mc.init_seed), model_config)
   else:
     model_config = presets.get(mc.preset, **_model_dtypes(config))
   return model_config, gemma.init_params(model_config, jax.random.PRNGKey(mc.init_seed))

@@ -15,10 +15,10 @@ def get_config():
   c.bond.beta = 0.5
   c.bond.gamma = 0.0
   c.data.batch_size = 64
-  c.optim.lr = 3e-3
+  c.optim.lr = 2e-3
   c.optim.warmup_steps = 10
-  c.train.num_steps = 300
+  c.train.num_steps = 180
   c.train.log_every = 10
-  c.train.checkpoint_every = 100
+  c.train.checkpoint_every = 60
   c.eval.every = 10
   return c
