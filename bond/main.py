@@ -1,20 +1,21 @@
 """Entry point: `python -m bond.main --config=configs/toy_jbond.py --workdir=/tmp/run`.
 
 Modes: train (default), eval (exact toy metrics / samples of the latest checkpoint),
-sample (completions from the configured model), bon (write a best-and-worst-of-N JSONL dataset).
+sample (completions from the configured model), bon (write a best-and-worst-of-N JSONL dataset),
+train_rm (Bradley–Terry reward model on the configured pairs, written to workdir/rm).
 Any config key is overridable: `--config.bond.beta=0.5`.
 """
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "toy_jbond.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bond_toy_jbond", "Checkpoints, metrics, plots.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "bon"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "bon", "train_rm"], "What to run.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Prompt text(s) for --mode=sample.")
 _OUT = flags.DEFINE_string("out", "", "Output JSONL for --mode=bon (default workdir/bon.jsonl).")
 
@@ -22,6 +23,8 @@ _OUT = flags.DEFINE_string("out", "", "Output JSONL for --mode=bon (default work
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:   # orbax's INFO lines would bury the progress bar
+    logging.set_verbosity(logging.WARNING)
   from bond import sharding
   sharding.maybe_initialize_distributed()
   from bond import config as config_lib
@@ -33,6 +36,9 @@ def main(argv):
   elif _MODE.value == "sample":
     from bond import cli
     cli.sample(config, _PROMPTS.value)
+  elif _MODE.value == "train_rm":
+    from bond import cli
+    cli.train_rm(config, _WORKDIR.value)
   else:
     from bond import cli
     cli.write_bon(config, _OUT.value or os.path.join(_WORKDIR.value, "bon.jsonl"))

@@ -13,6 +13,8 @@ vocabularies without tokenizers instead of silently scoring foreign ids.
 
 from __future__ import annotations
 
+import glob
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bond.models import gemma
+from bond import tokenizer as tokenizer_lib
+from bond.models import convert, gemma
 
 Array = jax.Array
 RewardFn = Callable[[Array, Array, Array, Array], Array]
@@ -141,15 +144,50 @@ def length_reward(eos_id: int | None = None) -> RewardFn:
   return reward
 
 
+def _decoded(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  """Texts [B] of right-padded completions [B, T] (mask True on real tokens), eos dropped."""
+  return [tokenizer.decode(t[m], stop_at_eos=True) for t, m in zip(tokens, np.asarray(mask, bool))]
+
+
+def text_reward(score_texts: Callable[[list[str]], np.ndarray], tokenizer) -> RewardFn:
+  """r(y) = score_texts(decode(y)): a host-side text scorer as a jittable reward.
+
+  The completions are decoded on the host through `jax.pure_callback`, so the reward can sit
+  inside the jitted train step; `score_texts(texts [B]) -> [B]` sees plain strings.
+  """
+  def host(completion_tokens, completion_mask):
+    texts = _decoded(tokenizer, np.asarray(completion_tokens), completion_mask)
+    return np.asarray(score_texts(texts), np.float32).reshape(len(texts))
+
+  def reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+    del prompt_tokens, prompt_mask
+    out = jax.ShapeDtypeStruct(completion_tokens.shape[:1], jnp.float32)
+    return jax.pure_callback(host, out, completion_tokens, completion_mask)
+
+  return reward
+
+
+def vader_reward(tokenizer) -> RewardFn:
+  """r(y) = VADER compound sentiment of the decoded completion, in [−1, 1] (Hutto & Gilbert 2014).
+
+  The prompt is not scored: the task is "continue the text positively".
+  """
+  from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+  analyzer = SentimentIntensityAnalyzer()
+  return text_reward(lambda texts: [analyzer.polarity_scores(t)["compound"] for t in texts],
+                     tokenizer)
+
+
 def retokenized_reward_fn(rm_reward_fn: RewardFn, policy_tokenizer, rm_tokenizer, *,
                           max_prompt_len: int, max_completion_len: int) -> RewardFn:
-  """Scores policy ids with an RM of another tokenizer: ids -> text -> RM ids (host side).
+  """Scores policy ids with an RM of another tokenizer: ids -> text -> RM ids -> RM.
 
   Prompts are re-encoded left-padded with the RM's bos (truncated at the left if too long),
-  completions right-padded; a completion that ended in the policy's eos ends in the RM's eos.
-  Not traceable: call it outside jit (the pipeline's reward step is host-side for this case).
+  completions right-padded (truncated at the right); a completion that ended in the policy's eos
+  ends in the RM's eos. The text round trip runs on the host through `jax.pure_callback`, so the
+  reward is jittable when `rm_reward_fn` is.
   """
-  def reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+  def host(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
     prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
     completion_tokens = np.asarray(completion_tokens)
     completion_mask = np.asarray(completion_mask, bool)
@@ -157,13 +195,23 @@ def retokenized_reward_fn(rm_reward_fn: RewardFn, policy_tokenizer, rm_tokenizer
     x_tokens, x_mask = rm_tokenizer.batch_encode(prompts, max_len=max_prompt_len, truncate=True)
     y_tokens = np.full((len(prompts), max_completion_len), rm_tokenizer.pad_id, np.int32)
     y_mask = np.zeros(y_tokens.shape, bool)
-    for b, (t, m) in enumerate(zip(completion_tokens, completion_mask)):
+    texts = _decoded(policy_tokenizer, completion_tokens, completion_mask)
+    for b, (t, m, text) in enumerate(zip(completion_tokens, completion_mask, texts)):
       ids = t[m]
       ended = len(ids) > 0 and ids[-1] == policy_tokenizer.eos_id
-      seq = rm_tokenizer.encode(policy_tokenizer.decode(ids, stop_at_eos=True), add_bos=False)
+      seq = rm_tokenizer.encode(text, add_bos=False)
       seq = (seq + [rm_tokenizer.eos_id] if ended else seq)[:max_completion_len]
       y_tokens[b, :len(seq)], y_mask[b, :len(seq)] = seq, True
-    return rm_reward_fn(x_tokens, x_mask, y_tokens, y_mask)
+    return x_tokens, x_mask, y_tokens, y_mask
+
+  def reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+    b = prompt_tokens.shape[0]
+    shapes = (jax.ShapeDtypeStruct((b, max_prompt_len), jnp.int32),
+              jax.ShapeDtypeStruct((b, max_prompt_len), jnp.bool_),
+              jax.ShapeDtypeStruct((b, max_completion_len), jnp.int32),
+              jax.ShapeDtypeStruct((b, max_completion_len), jnp.bool_))
+    return rm_reward_fn(*jax.pure_callback(host, shapes, prompt_tokens, prompt_mask,
+                                           completion_tokens, completion_mask))
 
   return reward
 
@@ -191,3 +239,81 @@ def reward_for_policy(rm_config: gemma.GemmaConfig, rm_params, policy_vocab_size
   return retokenized_reward_fn(direct, policy_tokenizer, rm_tokenizer,
                                max_prompt_len=max_prompt_len,
                                max_completion_len=max_completion_len)
+
+
+# An RM directory: an HF Gemma directory (the backbone) plus the scalar head as HF's
+# `*ForSequenceClassification` names it (`score.weight` [1, D], optional `score.bias` [1]).
+HEAD_FILE = "reward_head.safetensors"
+KINDS = ("toy", "vader", "length", "model")
+
+
+def save_reward_model(config: gemma.GemmaConfig, params, path: str) -> None:
+  """Writes RM params as `path/{config.json, model.safetensors}` (backbone) + `HEAD_FILE`."""
+  from safetensors.numpy import save_file
+  convert.to_hf(config, jax.device_get(params["backbone"]), path)
+  head = jax.device_get(params["head"])
+  save_file({"score.weight": np.asarray(head["kernel"], np.float32).T.copy(),
+             "score.bias": np.asarray(head["bias"], np.float32)}, os.path.join(path, HEAD_FILE))
+
+
+def load_reward_model(path: str, dtype: Any = jnp.float32):
+  """(config, params, tokenizer or None) of an RM directory (`save_reward_model`, or an HF
+  Gemma `*ForSequenceClassification` directory: its `score` head has no bias).
+
+  The tokenizer is the directory's own (`tokenizer.json` / `tokenizer.model`) when it has one.
+  """
+  from safetensors import safe_open
+  config, backbone = convert.from_hf(path, dtype=dtype, param_dtype=dtype)
+  head = {}
+  for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+    with safe_open(file, framework="np") as f:
+      head.update({k: f.get_tensor(k) for k in f.keys() if k in ("score.weight", "score.bias")})
+  if "score.weight" not in head:
+    raise ValueError(f"{path!r} has no reward head: expected `score.weight` [1, D] in {HEAD_FILE} "
+                     "or in the model's safetensors (HF *ForSequenceClassification)")
+  kernel = np.asarray(head["score.weight"], np.float32)
+  if kernel.shape != (1, config.embed_dim):
+    raise ValueError(f"reward head score.weight has shape {kernel.shape}, expected "
+                     f"(1, {config.embed_dim}): a scalar head on the backbone's hidden size")
+  bias = np.asarray(head.get("score.bias", np.zeros(1)), np.float32)
+  params = {"backbone": backbone, "head": {"kernel": jnp.asarray(kernel.T, dtype),
+                                           "bias": jnp.asarray(bias, dtype)}}
+  tokenizer = None
+  for name in ("tokenizer.json", "tokenizer.model"):
+    if os.path.isfile(os.path.join(path, name)):
+      tokenizer = tokenizer_lib.load(os.path.join(path, name))
+      break
+  return config, params, tokenizer
+
+
+def from_config(reward_config, tokenizer, policy_config: gemma.GemmaConfig, *,
+                max_prompt_len: int = 0, max_completion_len: int = 0) -> RewardFn:
+  """The reward named by `config.reward` for a policy with `tokenizer` and `policy_config`.
+
+  kinds: 'vader' (`vader_reward`), 'length' (`length_reward`, eos excluded), 'model' (the RM
+  directory `reward.checkpoint`, see `load_reward_model`; an RM with its own tokenizer is fed
+  re-tokenized text, truncated to `max_prompt_len` / `max_completion_len`, otherwise the
+  policy's ids directly). Every returned function is jittable. 'toy' is the toy task's reward
+  table (`bond.toy.reward_fn`) and is built with the task, not here.
+  """
+  kind = reward_config.kind
+  if kind == "length":
+    return length_reward(eos_id=policy_config.eos_id)
+  if kind == "vader":
+    if tokenizer is None:
+      raise ValueError("reward.kind='vader' scores decoded text and needs the policy's tokenizer "
+                       "(tokenizer.path, or a checkpoint that has one)")
+    return vader_reward(tokenizer)
+  if kind == "model":
+    if not reward_config.checkpoint:
+      raise ValueError("reward.kind='model' needs reward.checkpoint: an RM directory written by "
+                       "`--mode=train_rm` (HF backbone + reward_head.safetensors)")
+    rm_config, rm_params, rm_tokenizer = load_reward_model(reward_config.checkpoint)
+    if rm_tokenizer is None:      # the RM shares the policy's vocabulary (checked by size)
+      return reward_for_policy(rm_config, rm_params, policy_config.vocab_size)
+    return reward_for_policy(rm_config, rm_params, policy_config.vocab_size, tokenizer,
+                             rm_tokenizer, max_prompt_len=max_prompt_len,
+                             max_completion_len=max_completion_len)
+  if kind == "toy":
+    raise ValueError("reward.kind='toy' is the toy task's reward table: it needs data.source='toy'")
+  raise ValueError(f"reward.kind must be one of {list(KINDS)}, got {kind!r}")

@@ -49,8 +49,12 @@ class TrainState:
 
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
-  """Adam with linear warm-up (BOND paper: lr 3e-6, 100 warm-up steps), optional clipping."""
-  schedule = optax.linear_schedule(0.0, optim_config.lr, max(optim_config.warmup_steps, 1))
+  """Adam with linear warm-up (BOND paper: lr 3e-6, 100 warm-up steps), optional clipping.
+
+  The warm-up starts at lr 0 on the first update; warmup_steps = 0 means the full lr from it.
+  """
+  schedule = (optax.linear_schedule(0.0, optim_config.lr, optim_config.warmup_steps)
+              if optim_config.warmup_steps > 0 else optax.constant_schedule(optim_config.lr))
   chain = []
   if optim_config.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(optim_config.grad_clip))

@@ -5,19 +5,26 @@ Everything stateful lives here (and in `checkpoint.py`/`data.py`); the maths is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
-import math
 import os
+import shutil
 import signal
+import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from bond import bon
 from bond import checkpoint as ckpt_lib
@@ -117,8 +124,12 @@ def build(config) -> Experiment:
     return Experiment(model_config, params, table, reward_fn, task=task)
   from bond import rewards as rewards_lib
   from bond import tokenizer as tokenizer_lib
-  tok = tokenizer_lib.load(config.tokenizer.path or config.model.checkpoint
-                           if config.model.checkpoint != "gemma3_270m" else _gguf_path())
+  tok_path = config.tokenizer.path or (
+      _gguf_path() if config.model.checkpoint == "gemma3_270m" else config.model.checkpoint)
+  if not tok_path:
+    raise ValueError("tokenizer.path must be set when model.checkpoint is empty and "
+                     f"data.source={config.data.source!r} (text data needs a tokenizer)")
+  tok = tokenizer_lib.load(tok_path)
   dc = config.data
   if dc.source == "pairs_jsonl":
     table = data_lib.pairs_table(data_lib.read_jsonl(dc.path), tok, dc.max_prompt_len,
@@ -127,7 +138,9 @@ def build(config) -> Experiment:
     texts = (data_lib.jsonl_prompts(dc.path, dc.prompt_key) if dc.source == "jsonl" else
              data_lib.tfds_prompts(dc.tfds_name, dc.tfds_split, dc.prompt_key, dc.tfds_data_dir))
     table = data_lib.prompt_table(texts, tok, dc.max_prompt_len, dc.prompt_template)
-  reward_fn = rewards_lib.from_config(config.reward, tokenizer=tok, policy_config=model_config)
+  reward_fn = rewards_lib.from_config(config.reward, tokenizer=tok, policy_config=model_config,
+                                      max_prompt_len=dc.max_prompt_len,
+                                      max_completion_len=config.sampling.max_new_tokens)
   return Experiment(model_config, params, table, reward_fn, tokenizer=tok)
 
 
@@ -136,31 +149,153 @@ def _gguf_path() -> str:
   return assets.gemma3_270m_gguf_path()
 
 
-class _Preempted:
-  """SIGTERM sets a flag; the loop checkpoints and exits cleanly at the next step boundary."""
+class _Preemption:
+  """SIGTERM (a preemption notice) -> checkpoint at the next step boundary, then a clean return.
+
+  One process: a Python SIGTERM handler sets a flag. Several: all must save the same step, so
+  JAX's preemption service (started by `jax.distributed.initialize`, it catches SIGTERM on any
+  host) agrees on one; `reached` must then be called at every step by every process.
+  """
 
   def __init__(self):
+    self.multiprocess = jax.process_count() > 1
     self.flag = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    if not self.multiprocess:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.flag = True
 
+  def reached(self, step: int) -> bool:
+    if self.multiprocess:
+      self.flag = self.flag or multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    if not self.multiprocess:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 class NonFiniteError(FloatingPointError):
-  pass
+  """The loss or a global norm became NaN/inf; that state is never saved."""
+
+
+GUARDED = ("loss", "grads/global_norm", "params/global_norm")
+
+
+def _guarded(train_step):
+  """`train_step` that also returns one on-device flag: are all GUARDED metrics finite."""
+
+  def step(state, batch):
+    state, metrics = train_step(state, batch)
+    return state, metrics, jnp.all(jnp.isfinite(jnp.stack([metrics[k] for k in GUARDED])))
+
+  return step
+
+
+def _check_finite(finite, step: int, checkpointer: ckpt_lib.Checkpointer) -> None:
+  if not bool(finite):
+    checkpointer.wait()
+    raise NonFiniteError(
+        f"{', '.join(GUARDED)}: not all finite after step {step}; stopping without saving it. "
+        f"The last good checkpoint (step {checkpointer.latest_step()}) in "
+        f"{checkpointer.directory} is intact. Lower optim.lr or set optim.grad_clip > 0.")
 
 
 def _to_float(tree) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in os.fspath(path)
+
+
+class MetricsLog:
+  """`workdir/metrics.jsonl`: one JSON object per log step (process 0 writes it).
+
+  Opening it for a run that starts at `start` drops the records after `start` (the resumed run
+  recomputes them) and a torn last line left by a killed writer. Object stores (gs://) cannot
+  append, so there the whole file is rewritten at each record.
+  """
+
+  def __init__(self, path: epath.Path, start: int):
+    self.path = path
+    text = path.read_text() if path.exists() else ""
+    complete = text[:text.rfind("\n") + 1]
+    self.records = [r for r in map(json.loads, complete.splitlines()) if r["step"] <= start]
+    self._rewrite()
+
+  def append(self, record: dict) -> None:
+    self.records.append(record)
+    if _is_local(self.path):
+      with self.path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    else:
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    tmp = self.path.parent / (self.path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+    tmp.replace(self.path)
+
+
+# Remote schemes tensorboardX writes to, and the package each needs.
+_TB_SCHEMES = {"gs": "google.cloud.storage", "s3": "boto3"}
+
+
+def _summary_writer(logdir: epath.Path, start: int):
+  """A tensorboardX writer that hides events at steps >= `start` left by an earlier attempt, or
+  None (with a warning) when it cannot write `logdir`: metrics.jsonl has every record anyway."""
+  from tensorboardX import SummaryWriter
+  scheme = os.fspath(logdir).split("://")[0] if not _is_local(logdir) else None
+  if scheme is not None:
+    try:
+      importlib.import_module(_TB_SCHEMES[scheme])
+    except (KeyError, ImportError):
+      logging.warning("no TensorBoard logs: tensorboardX cannot write %s (it writes %s with %s)",
+                      logdir, ", ".join(f"{s}://" for s in _TB_SCHEMES),
+                      ", ".join(_TB_SCHEMES.values()))
+      return None
+  return SummaryWriter(os.fspath(logdir), purge_step=start)
+
+
+@contextlib.contextmanager
+def _local_dir(dest: epath.Path) -> Iterator[str]:
+  """A local directory whose files end up in `dest`: `dest` itself, or a temporary directory
+  copied there on exit when `dest` is remote (matplotlib and safetensors write local files)."""
+  if _is_local(dest):
+    dest.mkdir(parents=True, exist_ok=True)
+    yield os.fspath(dest)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    yield tmp
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(tmp)):
+      with open(os.path.join(tmp, name), "rb") as src, (dest / name).open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def _config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
+  """'key: old -> new' for each config value that differs from the one saved in a checkpoint."""
+  flat = config_lib._flat  # pylint: disable=protected-access
+  old, new = (flat(ml_collections.ConfigDict(json.loads(c)))
+              for c in (saved_json, config.to_json()))
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the experiment in `workdir`; returns the last logged metrics."""
+  """Runs (or resumes) the experiment in `workdir` (a local path or e.g. gs://); returns the last
+  logged metrics.
+
+  A workdir holding a complete checkpoint resumes from it. The batch of a step, every PRNG key
+  (state.rng folded with the step) and the exact metrics are functions of (config, state, step),
+  so a resumed run logs exactly what an uninterrupted one does. SIGTERM checkpoints at the next
+  step boundary and returns normally (`bond.main` exits 0; rerun the same command to continue).
+  A non-finite loss or norm raises `NonFiniteError` (checked every step, one step late so the
+  device never waits) before that state can be saved.
+  """
   config_lib.validate(config)
   exp = build(config)
   mc, tc = exp.model_config, config.train
@@ -179,19 +314,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = jax.device_put(state, state_sh)
 
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
+  workdir = epath.Path(workdir)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
   start = 0
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)
+  if (latest := checkpointer.latest_step()) is not None:
+    saved_config = checkpointer.meta(latest)["config"]
+    if is_main:  # printed before restoring, which fails if the model or optimizer changed
+      for change in _config_changes(saved_config, config):
+        print(f"config differs from the checkpoint's: {change}")
+    state, meta = checkpointer.restore(state, latest)
     start = int(meta["data_step"])
     if is_main:
       print(f"resumed from step {start} in {workdir}")
 
   train_step = steps.make_train_step(config, mc, exp.reward_fn, optimizer)
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in exp.table.columns.items()}
-  jit_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  rep = sharding.replicated(mesh)
+  jit_step = jax.jit(_guarded(train_step), in_shardings=(state_sh, batch_sh),
+                     out_shardings=(state_sh, rep, rep), donate_argnums=0)
 
   exact_fn = None
   if exp.task is not None:
@@ -203,87 +345,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exact_fn = jax.jit(lambda p: toy.exact_metrics(task, toy.policy_log_probs(mc, p, task),
                                                    ref_lp, n=n_target))
 
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  writer = None
+  metrics_log = writer = None
   if is_main:
-    from tensorboardX import SummaryWriter
-    writer = SummaryWriter(os.path.join(workdir, "tb"))
-    if start == 0 and os.path.exists(metrics_path):
-      os.remove(metrics_path)
-    _truncate_metrics(metrics_path, start)
-  preempt = _Preempted()
+    metrics_log = MetricsLog(workdir / "metrics.jsonl", start)
+    writer = _summary_writer(workdir / "tb", start)
+  preemption = _Preemption()
+  preempted = False
   last: dict = {}
+  bar = tqdm.tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
+                  disable=not is_main, dynamic_ncols=True)
   try:
-    from tqdm import tqdm
-    bar = tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps, disable=not is_main,
-               dynamic_ncols=True)
     t0 = time.time()
+    previous = None
     for step in bar:
       local = data_lib.get_batch(exp.table, step, config.data.batch_size, config.data.shuffle_seed,
                                  jax.process_index(), jax.process_count())
-      batch = sharding.to_global_batch(local, mesh)
-      new_state, metrics = jit_step(state, batch)
+      state, metrics, finite = jit_step(state, sharding.to_global_batch(local, mesh))
       done = step + 1
-      if done % tc.log_every == 0 or done == tc.num_steps or preempt.flag:
+      if previous is not None:
+        _check_finite(*previous, checkpointer)
+      previous = (finite, done)
+      preempted = preemption.reached(done)
+      log = done % tc.log_every == 0 or done == tc.num_steps
+      save = done % tc.checkpoint_every == 0 or done == tc.num_steps or preempted
+      if log or save:
+        _check_finite(finite, done, checkpointer)
+      if log:
         record = {"step": done, **_to_float(metrics)}
-        bad = [k for k in ("loss", "grads/global_norm") if not math.isfinite(record[k])]
-        if bad:
-          raise NonFiniteError(f"non-finite {bad} at step {done}: {record}; the last good "
-                               f"checkpoint in {workdir}/checkpoints is left intact")
         if exact_fn is not None and (done % config.eval.every == 0 or done == tc.num_steps):
-          record.update(_to_float(exact_fn(new_state.params)))
+          record.update(_to_float(exact_fn(state.params)))
         record["time/elapsed_s"] = time.time() - t0
         last = record
         if is_main:
-          with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-          for k, v in record.items():
-            writer.add_scalar(k, v, done)
-          bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3g}" for k in
-                           ("loss", "reward/mean", "exact/reward", "exact/effective_n")
-                           if k in record})
-      state = new_state
-      if done % tc.checkpoint_every == 0 or done == tc.num_steps or preempt.flag:
+          _publish(record, metrics_log, writer, bar)
+      if save:
         checkpointer.save(done, state, {"data_step": done, "config": config.to_json()})
-      if preempt.flag:
+      if preempted:
         if is_main:
           print(f"SIGTERM: checkpoint written at step {done}; exiting")
         break
   finally:
-    preempt.restore()
+    bar.close()
+    preemption.restore()
     checkpointer.close()
     if writer is not None:
       writer.close()
 
-  if is_main and not preempt.flag:
-    _finish(config, workdir, exp, state, metrics_path)
+  if not preempted:
+    # Params may be sharded across hosts: every process joins this gather (a collective), then
+    # only process 0 writes. Only what `_finish` reads is gathered.
+    host = multihost_utils.process_allgather(
+        {"ref": state.ref_params if exp.task is not None else None,
+         "params": state.params if config.train.export_hf else None}, tiled=True)
+    if is_main:
+      _finish(config, workdir, exp, host["ref"], host["params"], metrics_log.records)
   return last
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-  """On resume, drop records logged after the restored step (they will be recomputed)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(keep)
+def _publish(record: dict, metrics_log: MetricsLog, writer, bar: tqdm.tqdm) -> None:
+  """Process 0: one JSON line, TensorBoard scalars, the progress bar's summary."""
+  metrics_log.append(record)
+  if writer is not None:
+    for k, v in record.items():
+      writer.add_scalar(k, v, record["step"])
+  bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3g}" for k in
+                   ("loss", "reward/mean", "exact/reward", "exact/effective_n") if k in record})
 
 
-def _finish(config, workdir: str, exp: Experiment, state, metrics_path: str) -> None:
-  records = []
-  if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+def _finish(config, workdir: epath.Path, exp: Experiment, ref_params, params,
+            records: list[dict]) -> None:
+  """Plots and HF export on process 0, from host-local (gathered) params."""
   curve = None
   if exp.task is not None:
-    ref_lp = toy.policy_log_probs(exp.model_config, jax.device_get(state.ref_params), exp.task)
+    ref_lp = toy.policy_log_probs(exp.model_config, ref_params, exp.task)
     curve = evaluate.bon_curve(ref_lp, jnp.asarray(exp.task.rewards))
-  plots = evaluate.plot_run(records, os.path.join(workdir, "plots"), curve)
-  print(f"metrics: {metrics_path}")
-  print("plots: " + ", ".join(plots))
+  with _local_dir(workdir / "plots") as out:
+    names = [os.path.basename(p) for p in evaluate.plot_run(records, out, curve)]
+  print(f"metrics: {workdir / 'metrics.jsonl'}")
+  print("plots: " + ", ".join(str(workdir / "plots" / name) for name in names))
   if config.train.export_hf:
     from bond.models import convert
-    out = os.path.join(workdir, "hf")
-    convert.to_hf(exp.model_config, jax.device_get(state.params), out)
-    print(f"HF export: {out}")
+    with _local_dir(workdir / "hf") as out:
+      convert.to_hf(exp.model_config, params, out)
+    print(f"HF export: {workdir / 'hf'}")
