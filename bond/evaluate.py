@@ -15,15 +15,21 @@ import numpy as np
 from bond import bon
 
 
-def bon_curve(ref_log_probs, rewards, ns: Sequence[float] = (1, 2, 4, 8, 16, 32, 64)) -> dict:
-  """Exact BoN points averaged over prompts: {'n', 'kl', 'reward', 'win_rate'} lists."""
+def bon_curve(ref_log_probs, rewards, ns: Sequence[float] = (1, 2, 4, 8, 16, 32, 64),
+              lengths=None) -> dict:
+  """Exact BoN points averaged over prompts: {'n', 'kl', 'reward', 'win_rate'} lists, and
+  'mean_length' (E_{π_BoN}[len(y)]) when `lengths` [M] of the completions is given."""
   out = {"n": [], "kl": [], "reward": [], "win_rate": []}
+  if lengths is not None:
+    out["mean_length"] = []
   for n in ns:
     logp = bon.bon_log_probs(ref_log_probs, rewards, n)
     out["n"].append(float(n))
     out["kl"].append(float(jnp.mean(bon.kl(logp, ref_log_probs))))
     out["reward"].append(float(jnp.mean(bon.expected_reward(logp, rewards))))
     out["win_rate"].append(float(jnp.mean(bon.win_rate_vs_ref(logp, ref_log_probs, rewards))))
+    if lengths is not None:
+      out["mean_length"].append(float(jnp.mean(jnp.exp(logp) @ jnp.asarray(lengths, logp.dtype))))
   return out
 
 
