@@ -35,19 +35,18 @@ def bon_curve(ref_log_probs, rewards, ns: Sequence[float] = (1, 2, 4, 8, 16, 32,
 
 def plot_run(records: list[dict], out_dir: str, curve: dict | None = None) -> list[str]:
   """PNG plots of a run's metrics.jsonl records; returns the written paths."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # Figure objects with no pyplot: no global backend switch (notebooks keep inline drawing).
+  from matplotlib.figure import Figure
 
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  steps = [r["step"] for r in records]
 
   def series(key):
     return [(r["step"], r[key]) for r in records if key in r]
 
   exact = series("exact/kl_to_ref")
-  fig, ax = plt.subplots(figsize=(5, 4))
+  fig = Figure(figsize=(5, 4))
+  ax = fig.subplots()
   if exact:
     kl = [r["exact/kl_to_ref"] for r in records if "exact/kl_to_ref" in r]
     rew = [r["exact/reward"] for r in records if "exact/kl_to_ref" in r]
@@ -68,9 +67,9 @@ def plot_run(records: list[dict], out_dir: str, curve: dict | None = None) -> li
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "reward_vs_kl.png"))
   fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(5, 4))
+  fig = Figure(figsize=(5, 4))
+  ax = fig.subplots()
   drew = False
   for key in ("exact/fwd_kl_to_bon", "exact/bwd_kl_to_bon", "exact/fwd_kl_to_bon_n",
               "exact/bwd_kl_to_bon_n", "loss"):
@@ -84,6 +83,4 @@ def plot_run(records: list[dict], out_dir: str, curve: dict | None = None) -> li
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "divergences.png"))
   fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
-  del steps
   return paths
