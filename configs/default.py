@@ -93,3 +93,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   return c
+
+
+def toy_schedule(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The shared optimisation schedule of the toy experiments (so they compare like for like):
+  64 prompts per step, Adam lr 2e-3 with 10 warm-up steps, 180 steps, exact eval every 10."""
+  c.data.batch_size = 64
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 10
+  c.train.num_steps = 180
+  c.train.log_every = 10
+  c.train.checkpoint_every = 60
+  c.eval.every = 10
+  return c

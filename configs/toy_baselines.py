@@ -29,11 +29,5 @@ def get_config(arg=None):
     c.bond.objective = arg
     c.bond.n = 8
     c.bond.beta_ipo = 0.0275482094
-  c.data.batch_size = 64
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 10
-  c.train.num_steps = 180
-  c.train.log_every = 10
-  c.train.checkpoint_every = 60
-  c.eval.every = 10
+  default.toy_schedule(c)
   return c

@@ -17,11 +17,5 @@ def get_config():
   c.bond.beta_ipo = 0.0275482094
   c.task.use_eos = True
   c.task.length_bonus = 0.25
-  c.data.batch_size = 64
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 10
-  c.train.num_steps = 180
-  c.train.log_every = 10
-  c.train.checkpoint_every = 60
-  c.eval.every = 10
+  default.toy_schedule(c)
   return c

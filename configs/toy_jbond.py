@@ -14,11 +14,5 @@ def get_config():
   c.bond.eta = 0.05
   c.bond.beta = 0.5
   c.bond.gamma = 0.0
-  c.data.batch_size = 64
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 10
-  c.train.num_steps = 180
-  c.train.log_every = 10
-  c.train.checkpoint_every = 60
-  c.eval.every = 10
+  default.toy_schedule(c)
   return c
