@@ -235,6 +235,27 @@ def test_prompts_are_prefilled_once_for_all_samples(monkeypatch):
   assert seen["decode"] == [(15,)]                     # B * N rows, traced once in the loop
 
 
+def test_bf16_kv_cache_is_updated_in_place_and_decodes_like_a_full_pass():
+  # XLA:CPU runs a bf16 dynamic-update-slice in f32: the whole cache converted to f32 and back at
+  # every step. The cache is stored as uint16 bits so that never happens: no f32 buffer of the
+  # cache's shape may appear in the compiled sampler.
+  config, params = tiny_model(dtype=jnp.bfloat16)
+  tokens, mask = padded_batch()
+  b, p = tokens.shape
+  n, t = 2, 6
+  kw = dict(max_new_tokens=t, num_samples=n, eos_id=None)
+  hlo = jax.jit(functools.partial(sampling.sample_fn, config, **kw)).lower(
+      params, tokens, mask, jax.random.key(0)).compile().as_text()
+  r, s, k, hd = b * n, p - 1 + t, config.num_kv_heads, config.head_dim
+  assert "while" in hlo
+  for shape in [(r, s, k, hd), (r, k, hd, s)]:
+    assert f"f32[{','.join(map(str, shape))}]" not in hlo, shape
+  out = sampling.sample(config, params, tokens, mask, jax.random.key(0), **kw)
+  want = teacher_forced_logprobs(config, params, tokens, mask, out)
+  assert out.tokens.shape == (b, n, t) and bool(np.all(out.mask))
+  np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=0.1)   # bf16 rounding
+
+
 def test_per_prompt_keys_make_samples_independent_of_the_batch():
   config, params = tiny_model()
   tokens, mask = padded_batch(lengths=(12, 7, 10), width=12)

@@ -192,7 +192,9 @@ class Attention(nn.Module):
       logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     logits = jnp.where(mask[:, None, None], logits, K_MASK)
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-    out = _einsum("BKGTS,BSKH->BTKGH", probs, value, cfg.dtype).reshape(b, t, h, hd)
+    # Cached values are stored transposed, [B, K, Hd, S] (see `init_cache`).
+    pv = "BKGTS,BSKH->BTKGH" if new_cache is None else "BKGTS,BKHS->BTKGH"
+    out = _einsum(pv, probs, value, cfg.dtype).reshape(b, t, h, hd)
     out = _einsum("BTNH,NHD->BTD", out, w_o, cfg.dtype)
     return out, new_cache
 
@@ -250,20 +252,50 @@ class KVContext:
   index: Array | None = None
 
   def update(self, key: Array, value: Array):
+    """Writes key/value [B, T, K, Hd] at `index`; returns the keys [B, S, K, Hd], values, cache.
+
+    Without a cache the values come back as given; with one, as stored: [B, K, Hd, S].
+    """
     if self.layer_cache is None:
       return key, value, None
-    start = (0, self.index, 0, 0)
-    k = jax.lax.dynamic_update_slice(self.layer_cache["k"], key.astype(self.layer_cache["k"].dtype), start)
-    v = jax.lax.dynamic_update_slice(self.layer_cache["v"], value.astype(self.layer_cache["v"].dtype), start)
-    return k.astype(key.dtype), v.astype(value.dtype), {"k": k, "v": v}
+    k = _write(self.layer_cache["k"], key, (0, self.index, 0, 0))
+    v = _write(self.layer_cache["v"], value.transpose(0, 2, 3, 1), (0, 0, 0, self.index))
+    new_cache = {"k": k, "v": v}
+    return _read(k, key.dtype), _read(v, value.dtype), new_cache
+
+
+# bf16 caches are stored as their uint16 bits. XLA:CPU has no bf16 dynamic-update-slice: it
+# upcasts the whole buffer to f32 and back, i.e. copies the entire KV cache (4 passes over it) at
+# every decode step. On uint16 the write is native and in place. The read's bitcast to bf16 is
+# free on TPU/GPU; XLA:CPU still materialises it (one pass) because its dot fusions cannot absorb
+# it. Values are stored transposed because XLA:CPU otherwise transposes them at every step.
+def _storage_dtype(dtype) -> Any:
+  return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def _write(buffer: Array, update: Array, start) -> Array:
+  if buffer.dtype == jnp.uint16:
+    update = jax.lax.bitcast_convert_type(update.astype(jnp.bfloat16), jnp.uint16)
+  return jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype), start)
+
+
+def _read(buffer: Array, dtype) -> Array:
+  if buffer.dtype == jnp.uint16:
+    buffer = jax.lax.bitcast_convert_type(buffer, jnp.bfloat16)
+  return buffer.astype(dtype)
 
 
 def init_cache(config: GemmaConfig, batch_size: int, cache_len: int, dtype=None) -> Cache:
-  """Empty KV cache: per-layer k/v [B, S, K, Hd], key positions/validity [B, S], write index."""
+  """Empty KV cache: per layer keys [B, S, K, Hd] and values TRANSPOSED [B, K, Hd, S] (so a
+  decode step's probs @ values reads them without a per-step transpose), key positions and
+  validity [B, S], and the write index. `dtype` (default `config.dtype`) is the cache precision;
+  bf16 is held as uint16 bits (see `_storage_dtype`)."""
   dtype = dtype or config.dtype
-  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  storage = _storage_dtype(dtype)
+  k_shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  v_shape = (batch_size, config.num_kv_heads, config.head_dim, cache_len)
   return {
-      "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+      "layers": [{"k": jnp.zeros(k_shape, storage), "v": jnp.zeros(v_shape, storage)}
                  for _ in range(config.num_layers)],
       "positions": jnp.zeros((batch_size, cache_len), jnp.int32),
       "valid": jnp.zeros((batch_size, cache_len), jnp.bool_),
