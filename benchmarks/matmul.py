@@ -1,0 +1,85 @@
+"""Decode-shaped matmuls: XLA:CPU (what `bond.sampling` compiles to) against PyTorch (oneDNN).
+
+A decode step of a small model is a chain of [M, K] x [K, N] matmuls with M = rows being
+sampled (8..32) and weights too large to stay in cache. This script times exactly that: C
+different weight matrices of one shape, applied in sequence inside one jitted function (so each
+is read from memory, not cache), in bf16 with f32 accumulation, against `torch.nn.functional.linear`
+on the same shapes, and reports weight streaming rate (GB/s) and GFLOP/s next to the machine's
+memory bandwidth measured in the same run. It bounds what any XLA:CPU sampler can reach here.
+
+  python benchmarks/matmul.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+COPIES = 16
+SHAPES = [(512, 4096), (2048, 512), (512, 768), (512, 16384)]   # gemma3_35m: gate/up, down, qkv, logits
+
+
+def best_time(fn, repeats: int = 20) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def xla_chain(m: int, k: int, n: int) -> float:
+  """Seconds per matmul of a jitted chain over COPIES distinct bf16 weights."""
+  weights = [jnp.full((k, n), 0.01 * (i + 1), jnp.bfloat16) for i in range(COPIES)]
+
+  @jax.jit
+  def chain(x, weights):
+    for w in weights:
+      y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+      x = x + y[:, :1].astype(x.dtype)                      # serial dependency
+    return x
+
+  x = jnp.ones((m, k), jnp.bfloat16)
+  return best_time(lambda: chain(x, weights).block_until_ready()) / COPIES
+
+
+def torch_chain(m: int, k: int, n: int) -> float:
+  import torch
+  weights = [torch.full((n, k), 0.01 * (i + 1), dtype=torch.bfloat16) for i in range(COPIES)]
+  x0 = torch.ones((m, k), dtype=torch.bfloat16)
+
+  def chain():
+    x = x0
+    with torch.no_grad():
+      for w in weights:
+        y = torch.nn.functional.linear(x, w)
+        x = x + y[:, :1]
+    return x
+
+  return best_time(chain) / COPIES
+
+
+def main():
+  import torch
+  torch.set_num_threads(2)
+  x = jnp.ones((256 * 2**20,), jnp.bfloat16)
+  total = jax.jit(lambda x: jnp.sum(x.astype(jnp.float32)))
+  bandwidth = x.nbytes / best_time(lambda: total(x).block_until_ready(), 5)
+  del x
+  print(f"memory bandwidth (jitted read of 512 MiB): {bandwidth / 1e9:.1f} GB/s")
+  print(f"{'M':>3} {'K':>5} {'N':>6} | {'XLA GB/s':>8} {'GFLOP/s':>7} | {'torch GB/s':>10} "
+        f"{'GFLOP/s':>7} | torch/XLA")
+  for m in (8, 32):
+    for k, n in SHAPES:
+      t_xla, t_torch = xla_chain(m, k, n), torch_chain(m, k, n)
+      nbytes, flops = 2 * k * n, 2 * m * k * n
+      print(f"{m:>3} {k:>5} {n:>6} | {nbytes / t_xla / 1e9:>8.1f} {flops / t_xla / 1e9:>7.0f} | "
+            f"{nbytes / t_torch / 1e9:>10.1f} {flops / t_torch / 1e9:>7.0f} | "
+            f"{t_xla / t_torch:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
