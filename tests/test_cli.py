@@ -206,3 +206,13 @@ def test_hf_sequence_classification_reward_model_matches_transformers(tmp_path, 
   other = config.replace(vocab_size=config.vocab_size + 1)
   with pytest.raises(ValueError, match="policy vocab size"):
     rewards.from_config(rm_config, None, other)
+
+
+@pytest.mark.parametrize("args", [["--config.bond.betaa=0.5"],
+                                  ["--config=configs/toy_bond.py", "--config.bond.nn=3"]])
+def test_unknown_config_key_on_the_command_line_is_a_clean_flag_error(args, tmp_path):
+  proc = _run(*args, f"--workdir={tmp_path}", timeout=120)
+  assert proc.returncode == 1
+  assert "FATAL Flags parsing error: unknown config key" in proc.stderr
+  assert args[-1].split("=")[0] in proc.stderr and "configs/default.py" in proc.stderr
+  assert "Traceback" not in proc.stderr
