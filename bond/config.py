@@ -12,6 +12,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.source": ("toy", "jsonl", "tfds", "pairs_jsonl"),
+    "data.prompt_truncation": ("keep_end", "keep_start"),
     "reward.kind": ("toy", "vader", "length", "model"),
     "bond.objective": steps.ONLINE + steps.OFFLINE,
     "bond.anchor": ("fixed", "ema", "swap"),
@@ -76,5 +77,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.source='toy' needs reward.kind='toy', got {config.reward.kind!r}")
   if config.data.source in ("jsonl", "pairs_jsonl") and not config.data.path:
     raise ValueError(f"data.path must name a file when data.source={config.data.source!r}")
+  if config.data.source in ("jsonl", "tfds") and config.data.prompt_template.count("{}") != 1:
+    raise ValueError("data.prompt_template must contain exactly one '{}' (where the prompt text "
+                     f"goes), got {config.data.prompt_template!r}")
   if config.data.source == "tfds" and not config.data.tfds_name:
     raise ValueError("data.tfds_name must be set when data.source='tfds'")

@@ -75,11 +75,45 @@ def _encode(tokenizer, texts: Sequence[str], max_len: int, add_bos: bool, counte
   return tokens, mask
 
 
+TRUNCATIONS = ("keep_end", "keep_start")
+
+
 def prompt_table(texts: Sequence[str], tokenizer, max_prompt_len: int,
-                 template: str = "{}") -> Table:
+                 template: str = "{}", truncation: str = "keep_end") -> Table:
+  """Left-padded prompts `template.format(text)`, bos first, `max_prompt_len` tokens at most.
+
+  A prompt that is too long loses tokens of its `text` only: bos and the template's fixed parts
+  (e.g. "Summarize:\n{}\n") stay whole. `truncation` keeps the end of the text ("keep_end": a
+  chat turn's request is at its end) or its start ("keep_start": an article's lead). Only
+  truncated prompts are encoded piecewise (bos + prefix, text, suffix), so their token
+  boundaries at the joins can differ from encoding the whole string; they are counted in
+  `counters['prompt_truncated']`.
+  """
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+  parts = template.split("{}")
+  if len(parts) != 2:
+    raise ValueError(f"prompt template must contain exactly one '{{}}', got {template!r}")
+  prefix, suffix = parts
   counters = collections.Counter(examples=len(texts))
-  texts = [template.format(t) for t in texts]
-  tokens, mask = _encode(tokenizer, texts, max_prompt_len, True, counters, "prompt", left=True)
+  rows = []
+  for text in texts:
+    ids = tokenizer.encode(prefix + text + suffix, add_bos=True)
+    if len(ids) > max_prompt_len:
+      counters["prompt_truncated"] += 1
+      head = tokenizer.encode(prefix, add_bos=True)
+      tail = tokenizer.encode(suffix, add_bos=False) if suffix else []
+      budget = max_prompt_len - len(head) - len(tail)
+      if budget < 1:
+        raise ValueError(f"data.max_prompt_len={max_prompt_len} leaves no room for the text in "
+                         f"template {template!r} ({len(head) + len(tail)} tokens with bos)")
+      body = tokenizer.encode(text, add_bos=False)
+      ids = head + (body[:budget] if truncation == "keep_start" else body[-budget:]) + tail
+    rows.append(ids)
+  tokens = np.full((len(rows), max_prompt_len), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(rows), max_prompt_len), bool)
+  for i, ids in enumerate(rows):
+    tokens[i, max_prompt_len - len(ids):], mask[i, max_prompt_len - len(ids):] = ids, True
   return Table({"prompt_tokens": tokens, "prompt_mask": mask}, dict(counters))
 
 

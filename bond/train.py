@@ -137,7 +137,8 @@ def build(config) -> Experiment:
   else:
     texts = (data_lib.jsonl_prompts(dc.path, dc.prompt_key) if dc.source == "jsonl" else
              data_lib.tfds_prompts(dc.tfds_name, dc.tfds_split, dc.prompt_key, dc.tfds_data_dir))
-    table = data_lib.prompt_table(texts, tok, dc.max_prompt_len, dc.prompt_template)
+    table = data_lib.prompt_table(texts, tok, dc.max_prompt_len, dc.prompt_template,
+                                  dc.prompt_truncation)
   reward_fn = rewards_lib.from_config(config.reward, tokenizer=tok, policy_config=model_config,
                                       max_prompt_len=dc.max_prompt_len,
                                       max_completion_len=config.sampling.max_new_tokens)

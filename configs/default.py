@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ""
   c.data.prompt_key = "prompt"      # field holding the prompt text (jsonl/tfds)
   c.data.prompt_template = "{}"     # format applied to the prompt text
-  c.data.max_prompt_len = 64        # longer prompts are truncated from the left (counted)
+  c.data.max_prompt_len = 64        # longer prompts lose text tokens (counted), see below
+  c.data.prompt_truncation = "keep_end"   # or "keep_start"; bos and the template stay whole
   c.data.batch_size = 8             # prompts per step, global over all hosts
   c.data.shuffle_seed = 0
 

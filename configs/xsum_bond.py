@@ -27,6 +27,7 @@ def get_config():
   c.data.tfds_split = "train"
   c.data.prompt_key = "document"
   c.data.prompt_template = "Summarize:\n{}\n"
+  c.data.prompt_truncation = "keep_start"   # articles: keep the lead, drop the tail
   c.data.max_prompt_len = 1024
   c.data.batch_size = 128
   c.sampling.max_new_tokens = 64

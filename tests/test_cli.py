@@ -216,3 +216,23 @@ def test_unknown_config_key_on_the_command_line_is_a_clean_flag_error(args, tmp_
   assert "FATAL Flags parsing error: unknown config key" in proc.stderr
   assert args[-1].split("=")[0] in proc.stderr and "configs/default.py" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("truncation", ["keep_start", "keep_end"])
+def test_prompt_truncation_cuts_the_text_and_keeps_bos_and_the_template(tok_dir, truncation):
+  from bond import data, tokenizer
+  tok = tokenizer.load(tok_dir)
+  template, text = "Summarize: {} TL;DR:", "".join(chr(ord("a") + i % 26) for i in range(50))
+  budget = 30 - 1 - len("Summarize: ") - len(" TL;DR:")         # one token per character
+  table = data.prompt_table([text, "short"], tok, 30, template, truncation)
+  tokens, mask = table.columns["prompt_tokens"], table.columns["prompt_mask"]
+  assert table.counters["prompt_truncated"] == 1 and mask[0].all()
+  kept = text[:budget] if truncation == "keep_start" else text[-budget:]
+  assert tokens[0, 0] == tok.bos_id
+  assert tok.decode(tokens[0]) == f"Summarize: {kept} TL;DR:"
+  short = tok.encode("Summarize: short TL;DR:")                 # untouched, left-padded
+  assert list(tokens[1, mask[1]]) == short and not mask[1, :30 - len(short)].any()
+  with pytest.raises(ValueError, match="no room for the text"):
+    data.prompt_table([text], tok, 12, template, truncation)
+  with pytest.raises(ValueError, match="exactly one"):
+    data.prompt_table([text], tok, 30, "no slot", truncation)
