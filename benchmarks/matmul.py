@@ -12,23 +12,19 @@ memory bandwidth measured in the same run. It bounds what any XLA:CPU sampler ca
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
+
+import sampler   # benchmarks/sampler.py (this script's directory is on sys.path)
 
 COPIES = 16
 SHAPES = [(512, 4096), (2048, 512), (512, 768), (512, 16384)]   # gemma3_35m: gate/up, down, qkv, logits
 
 
 def best_time(fn, repeats: int = 20) -> float:
+  """Best of `repeats` timed calls, after one untimed warm-up call."""
   fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return sampler.best_time(fn, repeats)
 
 
 def xla_chain(m: int, k: int, n: int) -> float:
