@@ -58,21 +58,27 @@ def get_batch(table: Table, step: int, batch_size: int, seed: int, process_index
   return {k: v[idx] for k, v in table.columns.items()}
 
 
+def _pad(rows: Sequence[Sequence[int]], max_len: int, pad_id: int, left: bool):
+  """Token rows (each <= max_len long) padded to exactly `max_len`: tokens int32, mask bool."""
+  tokens = np.full((len(rows), max_len), pad_id, np.int32)
+  mask = np.zeros((len(rows), max_len), bool)
+  for i, ids in enumerate(rows):
+    cols = slice(max_len - len(ids), max_len) if left else slice(0, len(ids))
+    tokens[i, cols], mask[i, cols] = ids, True
+  return tokens, mask
+
+
 def _encode(tokenizer, texts: Sequence[str], max_len: int, add_bos: bool, counters,
             name: str, left: bool):
   """Encode and pad to exactly `max_len` (left-padded prompts, right-padded completions)."""
-  tokens = np.full((len(texts), max_len), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(texts), max_len), bool)
-  for i, text in enumerate(texts):
+  rows = []
+  for text in texts:
     ids = tokenizer.encode(text, add_bos=add_bos)
     if len(ids) > max_len:
       counters[f"{name}_truncated"] += 1
       ids = ids[-max_len:] if left else ids[:max_len]
-    if left:
-      tokens[i, max_len - len(ids):], mask[i, max_len - len(ids):] = ids, True
-    else:
-      tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
-  return tokens, mask
+    rows.append(ids)
+  return _pad(rows, max_len, tokenizer.pad_id, left)
 
 
 TRUNCATIONS = ("keep_end", "keep_start")
@@ -95,25 +101,22 @@ def prompt_table(texts: Sequence[str], tokenizer, max_prompt_len: int,
   if len(parts) != 2:
     raise ValueError(f"prompt template must contain exactly one '{{}}', got {template!r}")
   prefix, suffix = parts
+  head = tokenizer.encode(prefix, add_bos=True)                   # fixed parts, encoded once
+  tail = tokenizer.encode(suffix, add_bos=False) if suffix else []
+  budget = max_prompt_len - len(head) - len(tail)
   counters = collections.Counter(examples=len(texts))
   rows = []
   for text in texts:
     ids = tokenizer.encode(prefix + text + suffix, add_bos=True)
     if len(ids) > max_prompt_len:
       counters["prompt_truncated"] += 1
-      head = tokenizer.encode(prefix, add_bos=True)
-      tail = tokenizer.encode(suffix, add_bos=False) if suffix else []
-      budget = max_prompt_len - len(head) - len(tail)
       if budget < 1:
         raise ValueError(f"data.max_prompt_len={max_prompt_len} leaves no room for the text in "
                          f"template {template!r} ({len(head) + len(tail)} tokens with bos)")
       body = tokenizer.encode(text, add_bos=False)
       ids = head + (body[:budget] if truncation == "keep_start" else body[-budget:]) + tail
     rows.append(ids)
-  tokens = np.full((len(rows), max_prompt_len), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(rows), max_prompt_len), bool)
-  for i, ids in enumerate(rows):
-    tokens[i, max_prompt_len - len(ids):], mask[i, max_prompt_len - len(ids):] = ids, True
+  tokens, mask = _pad(rows, max_prompt_len, tokenizer.pad_id, left=True)
   return Table({"prompt_tokens": tokens, "prompt_mask": mask}, dict(counters))
 
 

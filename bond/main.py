@@ -67,11 +67,7 @@ def main(argv):
 def parse_flags(argv):
   """absl's flag parsing; an unknown `--config.<key>` fails like any other flag error."""
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
+    return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
     _fail_unknown_config_key(e, argv)
 
