@@ -1,11 +1,12 @@
-"""Decode-shaped matmuls: XLA:CPU (what `bond.sampling` compiles to) against PyTorch (oneDNN).
+"""Decode-shaped matmuls: XLA:CPU dots, bond's CPU kernel and PyTorch (oneDNN), same shapes.
 
 A decode step of a small model is a chain of [M, K] x [K, N] matmuls with M = rows being
 sampled (8..32) and weights too large to stay in cache. This script times exactly that: C
 different weight matrices of one shape, applied in sequence inside one jitted function (so each
 is read from memory, not cache), in bf16 with f32 accumulation, against `torch.nn.functional.linear`
 on the same shapes, and reports weight streaming rate (GB/s) and GFLOP/s next to the machine's
-memory bandwidth measured in the same run. It bounds what any XLA:CPU sampler can reach here.
+memory bandwidth measured in the same run. The middle column is `bond.models.cpu_matmul` (the
+AVX512-BF16 kernel the sampler's decode loop uses where it can), on the same chain.
 
   python benchmarks/matmul.py
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bond.models import cpu_matmul
 import sampler   # benchmarks/sampler.py (this script's directory is on sys.path)
 
 COPIES = 16
@@ -27,14 +29,17 @@ def best_time(fn, repeats: int = 20) -> float:
   return sampler.best_time(fn, repeats)
 
 
-def xla_chain(m: int, k: int, n: int) -> float:
+def xla_chain(m: int, k: int, n: int, kernel: bool = False) -> float:
   """Seconds per matmul of a jitted chain over COPIES distinct bf16 weights."""
   weights = [jnp.full((k, n), 0.01 * (i + 1), jnp.bfloat16) for i in range(COPIES)]
+  if kernel:
+    weights = [cpu_matmul.pack(w) for w in weights]
 
   @jax.jit
   def chain(x, weights):
     for w in weights:
-      y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+      y = (cpu_matmul.matmul(x, w) if kernel else
+           jnp.dot(x, w, preferred_element_type=jnp.float32))
       x = x + y[:, :1].astype(x.dtype)                      # serial dependency
     return x
 
@@ -66,15 +71,19 @@ def main():
   bandwidth = x.nbytes / best_time(lambda: total(x).block_until_ready(), 5)
   del x
   print(f"memory bandwidth (jitted read of 512 MiB): {bandwidth / 1e9:.1f} GB/s")
-  print(f"{'M':>3} {'K':>5} {'N':>6} | {'XLA GB/s':>8} {'GFLOP/s':>7} | {'torch GB/s':>10} "
-        f"{'GFLOP/s':>7} | torch/XLA")
+  kernel = cpu_matmul.available()
+  if not kernel:
+    print("bond.models.cpu_matmul is not available here (needs avx512_bf16): column left empty")
+  print(f"{'M':>3} {'K':>5} {'N':>6} | {'XLA GB/s':>8} {'GFLOP/s':>7} | {'kernel GB/s':>11} "
+        f"{'GFLOP/s':>7} | {'torch GB/s':>10} {'GFLOP/s':>7} | XLA/kernel torch/kernel")
+  rate = lambda t, m, k, n: f"{2 * k * n / t / 1e9:.1f} {2 * m * k * n / t / 1e9:>7.0f}"  # noqa: E731
   for m in (8, 32):
     for k, n in SHAPES:
       t_xla, t_torch = xla_chain(m, k, n), torch_chain(m, k, n)
-      nbytes, flops = 2 * k * n, 2 * m * k * n
-      print(f"{m:>3} {k:>5} {n:>6} | {nbytes / t_xla / 1e9:>8.1f} {flops / t_xla / 1e9:>7.0f} | "
-            f"{nbytes / t_torch / 1e9:>10.1f} {flops / t_torch / 1e9:>7.0f} | "
-            f"{t_xla / t_torch:>8.2f}", flush=True)
+      t_ker = xla_chain(m, k, n, kernel=True) if kernel else float("nan")
+      print(f"{m:>3} {k:>5} {n:>6} | {rate(t_xla, m, k, n):>16} | {rate(t_ker, m, k, n):>19} | "
+            f"{rate(t_torch, m, k, n):>18} | {t_xla / t_ker:>10.2f} {t_torch / t_ker:>12.2f}",
+            flush=True)
 
 
 if __name__ == "__main__":

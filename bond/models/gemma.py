@@ -24,12 +24,18 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from bond.models import cpu_matmul
 
 Array = jax.Array
 Cache = dict[str, Any]
 
 # Large negative logit for masked attention entries; finite so fully masked rows give no NaN.
 K_MASK = -2.3819763e38
+
+# Variable collection of decode-time packed weights (`pack_weights`), read next to "params".
+PACKED = "packed"
 
 LOCAL = "local"
 GLOBAL = "global"
@@ -114,6 +120,21 @@ def _einsum(equation: str, x: Array, w: Array, dtype: Any) -> Array:
                     preferred_element_type=jnp.float32).astype(dtype)
 
 
+def _project(module: nn.Module, name: str, equation: str, x: Array, w: Array, dtype: Any) -> Array:
+  """`_einsum(equation, x, w)` for the weight param `name` of `module`.
+
+  x's trailing dims contract with w's leading dims. If the caller passed a packed copy of the
+  weight (collection `PACKED`, see `pack_weights`), the CPU kernel computes it instead.
+  """
+  if not module.has_variable(PACKED, name):
+    return _einsum(equation, x, w, dtype)
+  x_spec, w_spec = equation.split("->")[0].split(",")
+  contract = len(set(x_spec) & set(w_spec))
+  lead = x.shape[:x.ndim - contract]
+  y = cpu_matmul.matmul(x.reshape(*lead, -1).astype(dtype), module.get_variable(PACKED, name))
+  return y.reshape(*lead, *w.shape[contract:]).astype(dtype)
+
+
 class RMSNorm(nn.Module):
   """Gemma RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, computed in f32."""
 
@@ -167,8 +188,8 @@ class Attention(nn.Module):
         _dense_init(), ("q_heads", "head_dim", "embed")), (h, hd, d), cfg.param_dtype)
 
     x = x.astype(cfg.dtype)
-    q = _einsum("BTD,DNH->BTNH", x, w_q, cfg.dtype)
-    kv = _einsum("BTD,DCKH->BTCKH", x, w_kv, cfg.dtype)
+    q = _project(self, "q_einsum", "BTD,DNH->BTNH", x, w_q, cfg.dtype)
+    kv = _project(self, "kv_einsum", "BTD,DCKH->BTCKH", x, w_kv, cfg.dtype)
     key, value = kv[:, :, 0], kv[:, :, 1]
     if cfg.use_qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="query_norm")(q)
@@ -195,7 +216,7 @@ class Attention(nn.Module):
     # Cached values are stored transposed, [B, K, Hd, S] (see `init_cache`).
     pv = "BKGTS,BSKH->BTKGH" if new_cache is None else "BKGTS,BKHS->BTKGH"
     out = _einsum(pv, probs, value, cfg.dtype).reshape(b, t, h, hd)
-    out = _einsum("BTNH,NHD->BTD", out, w_o, cfg.dtype)
+    out = _project(self, "attn_vec_einsum", "BTNH,NHD->BTD", out, w_o, cfg.dtype)
     return out, new_cache
 
 
@@ -211,10 +232,10 @@ class MLP(nn.Module):
         _dense_init(), ("embed", None, "mlp")), (cfg.embed_dim, 2, cfg.hidden_dim), cfg.param_dtype)
     w_down = self.param("linear", nn.with_logical_partitioning(
         _dense_init(), ("mlp", "embed")), (cfg.hidden_dim, cfg.embed_dim), cfg.param_dtype)
-    gu = _einsum("BTD,DCF->BTCF", x, w_gu, cfg.dtype)
+    gu = _project(self, "gating_einsum", "BTD,DCF->BTCF", x, w_gu, cfg.dtype)
     hidden = jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    return _einsum("BTF,FD->BTD", hidden, w_down, cfg.dtype)
+    return _project(self, "linear", "BTF,FD->BTD", hidden, w_down, cfg.dtype)
 
 
 class Block(nn.Module):
@@ -357,8 +378,11 @@ class Gemma(nn.Module):
     if return_hidden:
       out = x
     else:
-      out = jnp.einsum("BTD,VD->BTV", x, embedding.astype(cfg.dtype),
-                       preferred_element_type=jnp.float32)
+      if self.has_variable(PACKED, "input_embedding"):   # packed transposed, [D, V]
+        out = cpu_matmul.matmul(x, self.get_variable(PACKED, "input_embedding"))
+      else:
+        out = jnp.einsum("BTD,VD->BTV", x, embedding.astype(cfg.dtype),
+                         preferred_element_type=jnp.float32)
       if cfg.final_logit_softcap:
         out = jnp.tanh(out / cfg.final_logit_softcap) * cfg.final_logit_softcap
     if cache is None:
@@ -388,3 +412,33 @@ def logical_axes(config: GemmaConfig):
   boxed = jax.eval_shape(lambda r: Gemma(config).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
                          jax.random.key(0))
   return nn.get_partition_spec(boxed)
+
+
+# Matmul weights of a layer, as (module, param, number of leading contracted dims).
+_LAYER_MATMULS = (("attn", "q_einsum", 1), ("attn", "kv_einsum", 1), ("attn", "attn_vec_einsum", 2),
+                  ("mlp", "gating_einsum", 1), ("mlp", "linear", 1))
+
+
+def pack_weights(params: Any) -> dict[str, Any]:
+  """Packed copies of the matmul weights for the CPU decode kernel (`bond.models.cpu_matmul`).
+
+  Pass them next to the params, `apply({"params": p, PACKED: pack_weights(p)}, ...)`,
+  and those matmuls run through the kernel. Weights whose shapes it cannot take are left out
+  (they keep their `einsum`). The tied embedding is packed transposed, [D, V], for the logits.
+  Pack once, outside any decode loop: it is a full pass over the weights.
+  """
+  def packable(w, contract):
+    return cpu_matmul.supports(int(np.prod(w.shape[:contract])), int(np.prod(w.shape[contract:])))
+
+  packed: dict[str, Any] = {}
+  for layer, layer_params in params.items():
+    if not layer.startswith("layer_"):
+      continue
+    for module, name, contract in _LAYER_MATMULS:
+      w = layer_params[module][name]
+      if packable(w, contract):
+        packed.setdefault(layer, {}).setdefault(module, {})[name] = cpu_matmul.pack(w, contract)
+  embedding_t = params["input_embedding"].T
+  if packable(embedding_t, 1):
+    packed["input_embedding"] = cpu_matmul.pack(embedding_t)
+  return packed

@@ -1,0 +1,123 @@
+"""A bf16 matmul kernel for decode steps on x86 CPUs (AVX512-BF16), called through the XLA FFI.
+
+Decode multiplies a few rows (the batch) by every weight matrix, so a step is bound by how fast
+the weights stream from memory. XLA:CPU's dots reach about half the machine's bandwidth there
+(benchmarks/RESULTS.md); `cpu_matmul.cc` reads weights pre-packed by `pack` as one sequential
+stream, split over XLA's intra-op threads, and reaches it.
+
+Used only where it is correct and useful: on a single-device CPU backend whose CPU has
+avx512_bf16, for bf16 weights whose shapes fit (`supports`), in the sampler's decode loop
+(weights are packed once per `sample` call, outside the loop). Everywhere else, including TPU,
+GPU and sharded runs, the model runs its plain `einsum`s. The kernel is compiled with the system
+C++ compiler on first use and cached (`$BOND_KERNEL_CACHE`, default ~/.cache/bond); if that
+fails, a warning is logged once and the plain path is used. `BOND_CPU_MATMUL=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+TARGET = "bond_bf16_matmul"
+COLS = 32            # output columns per packed block (cpu_matmul.cc: kCols)
+_SOURCE = pathlib.Path(__file__).with_name("cpu_matmul.cc")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512bf16")
+
+
+@functools.cache
+def cpu_has_avx512_bf16() -> bool:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+  except OSError:
+    return False
+
+
+def _cache_dir() -> pathlib.Path:
+  default = pathlib.Path.home() / ".cache" / "bond"
+  return pathlib.Path(os.environ.get("BOND_KERNEL_CACHE", default))
+
+
+def _compile() -> pathlib.Path:
+  """The kernel's shared library, built once per (source, flags, jaxlib) and cached on disk."""
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()
+                       + jax.lib.__version__.encode() + include.encode()).hexdigest()[:16]
+  lib = _cache_dir() / f"cpu_matmul_{key}.so"
+  if lib.exists():
+    return lib
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (set CXX)")
+  lib.parent.mkdir(parents=True, exist_ok=True)
+  # Build under a temporary name and rename: concurrent processes (pytest -n) may race here.
+  with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+    out = pathlib.Path(tmp) / lib.name
+    cmd = [cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    os.replace(out, lib)
+  return lib
+
+
+@functools.cache
+def _load() -> bool:
+  """Compiles, loads and registers the FFI target, once; False (warned once) if that fails."""
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_compile()))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BondBf16Matmul), platform="cpu")
+  except Exception as e:  # noqa: BLE001 -- any failure means: use the plain XLA dots
+    logging.warning("bond.models.cpu_matmul: kernel unavailable, using XLA dots: %s", e)
+    return False
+  return True
+
+
+def available() -> bool:
+  """True if the kernel can run here: one CPU device, avx512_bf16, and it compiled."""
+  return (os.environ.get("BOND_CPU_MATMUL", "1") != "0" and jax.default_backend() == "cpu"
+          and jax.device_count() == 1 and cpu_has_avx512_bf16() and _load())
+
+
+def supports(k: int, n: int) -> bool:
+  """Whether a [K, N] weight can be packed: K even, N a multiple of 32."""
+  return k >= 2 and k % 2 == 0 and n >= COLS and n % COLS == 0
+
+
+def pack(w: Array, contract: int = 1) -> Array:
+  """Weight [*in, *out] (the first `contract` dims are contracted) -> packed bf16 [N/32, K/2, 32, 2].
+
+  Block b holds output columns [32 b, 32 b + 32); within it, rows k and k+1 of those columns
+  are interleaved, the operand layout of `vdpbf16ps`.
+  """
+  k = int(np.prod(w.shape[:contract]))
+  n = int(np.prod(w.shape[contract:]))
+  if not supports(k, n):
+    raise ValueError(f"cannot pack a [{k}, {n}] weight: need K even and N a multiple of {COLS}")
+  w = w.astype(jnp.bfloat16).reshape(k // 2, 2, n // COLS, COLS)
+  return w.transpose(2, 0, 3, 1)
+
+
+def matmul(x: Array, packed: Array) -> Array:
+  """x [..., K] @ W -> f32 [..., N], W given packed by `pack`; x is cast to bf16."""
+  blocks, half_k = packed.shape[:2]
+  k, n = 2 * half_k, blocks * COLS
+  if x.shape[-1] != k:
+    raise ValueError(f"x has {x.shape[-1]} features, the packed weight expects {k}")
+  lead = x.shape[:-1]
+  rows = int(np.prod(lead))
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+  return call(x.reshape(rows, k).astype(jnp.bfloat16), packed).reshape(*lead, n)
