@@ -100,7 +100,8 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
   work->k = xd[1];
   work->n = wd[0] * kCols;
   work->blocks = wd[0];
-  int64_t helpers = pool.num_threads();
+  // The caller works too: with the pool's other threads that is one thread per pool thread.
+  int64_t helpers = pool.num_threads() > 1 ? pool.num_threads() - 1 : 0;
   int64_t parts = 4 * (helpers + 1);
   work->grain = work->blocks / parts > 0 ? work->blocks / parts : 1;
   if (work->m == 0 || work->blocks == 0) return ffi::Error::Success();
