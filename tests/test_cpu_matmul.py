@@ -25,8 +25,11 @@ def test_kernel_is_available_exactly_when_the_cpu_has_avx512_bf16():
   assert cpu_matmul.available() == HAS_KERNEL
 
 
-def test_pack_layout():
-  # Block b, pair j, column c, half p holds w[2j + p, 32b + c].
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["ffi_pack", "xla_pack"])
+def test_pack_layout(kernel, monkeypatch):
+  # Block b, pair j, column c, half p holds w[2j + p, 32b + c]; packed by the FFI op where the
+  # kernel is available, else by an XLA transpose.
+  monkeypatch.setenv("BOND_CPU_MATMUL", kernel)
   k, n = 4, 64
   w = jnp.arange(k * n, dtype=jnp.float32).reshape(k, n)      # integers < 256: exact in bf16
   packed = np.asarray(cpu_matmul.pack(w), np.float32)

@@ -85,3 +85,18 @@ def test_parity_check_detects_wrong_features(loaded):
     # Params a mutated config does not use (e.g. QK-norm scales) are ignored by `apply`.
     err = np.abs(ours(config.replace(**mutation), params, tokens, mask) - ref)[mask].max()
     assert err > 1e-2, f"mutation {mutation} went unnoticed (err {err:.2e})"
+
+
+def test_bf16_embedding_lookup_is_exact_and_differentiable():
+  # The bf16 table is gathered as uint16 bits (gemma._take_rows); values and gradients must be
+  # those of a plain f32 gather of the same numbers.
+  table = jax.random.normal(jax.random.key(0), (50, 8)).astype(jnp.bfloat16)
+  ids = jnp.array([[3, 0, 49], [7, 7, 1]])
+  np.testing.assert_array_equal(np.asarray(gemma._take_rows(table, ids), np.float32),
+                                np.asarray(table, np.float32)[np.asarray(ids)])
+  weights = jnp.arange(48.0).reshape(2, 3, 8)
+  grad = jax.grad(lambda t: jnp.sum(gemma._take_rows(t, ids).astype(jnp.float32) * weights))(
+      table)
+  want = np.zeros((50, 8), np.float32)
+  np.add.at(want, np.asarray(ids), np.asarray(weights))
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), want)

@@ -62,13 +62,30 @@ void Block(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t k,
   }
 }
 
+// Packs columns [32 b, 32 b + 32) of w [K, N] into out block b: [K/2, 32, 2].
+void PackBlock(const uint16_t* w, uint16_t* out, int64_t k, int64_t n, int64_t b) {
+  // Interleave two rows' 32 columns: (r0[c], r1[c]) for c = 0..15, then c = 16..31.
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                      40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                      32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  uint16_t* ob = out + b * k * kCols;
+  for (int64_t j = 0; j < k; j += 2) {
+    __m512i r0 = _mm512_loadu_si512(w + j * n + b * kCols);
+    __m512i r1 = _mm512_loadu_si512(w + (j + 1) * n + b * kCols);
+    _mm512_storeu_si512(ob + j * kCols, _mm512_permutex2var_epi16(r0, lo, r1));
+    _mm512_storeu_si512(ob + j * kCols + kCols, _mm512_permutex2var_epi16(r0, hi, r1));
+  }
+}
+
 // Blocks are claimed `grain` at a time from a shared counter by the calling thread and by the
 // helpers it schedules. The caller waits only for blocks a helper has claimed (and is running),
 // so a helper that never gets a thread cannot deadlock the call; a late helper finds no work.
 struct Work {
-  const uint16_t* x;
+  const uint16_t* x;   // null: pack w into out instead of multiplying
   const uint16_t* w;
   float* y;
+  uint16_t* out;
   int64_t m, k, n, blocks, grain;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -78,11 +95,31 @@ struct Work {
       int64_t start = next.fetch_add(grain, std::memory_order_relaxed);
       if (start >= blocks) return;
       int64_t stop = start + grain < blocks ? start + grain : blocks;
-      for (int64_t b = start; b < stop; ++b) Block(x, w, y, m, k, n, b);
+      for (int64_t b = start; b < stop; ++b) {
+        if (x) {
+          Block(x, w, y, m, k, n, b);
+        } else {
+          PackBlock(w, out, k, n, b);
+        }
+      }
       done.fetch_add(stop - start, std::memory_order_release);
     }
   }
 };
+
+// Runs `work` on the calling thread and on the other threads of XLA's intra-op pool.
+void RunParallel(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
+  if (work->blocks == 0) return;
+  // The caller works too: with the pool's other threads that is one thread per pool thread.
+  int64_t helpers = pool.num_threads() > 1 ? pool.num_threads() - 1 : 0;
+  int64_t parts = 4 * (helpers + 1);
+  work->grain = work->blocks / parts > 0 ? work->blocks / parts : 1;
+  for (int64_t i = 0; i < helpers && i + 1 < work->blocks; ++i) {
+    pool.Schedule([work] { work->Run(); });
+  }
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->blocks) _mm_pause();
+}
 
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                 ffi::ResultBuffer<ffi::F32> y) {
@@ -99,17 +136,25 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
   work->m = xd[0];
   work->k = xd[1];
   work->n = wd[0] * kCols;
-  work->blocks = wd[0];
-  // The caller works too: with the pool's other threads that is one thread per pool thread.
-  int64_t helpers = pool.num_threads() > 1 ? pool.num_threads() - 1 : 0;
-  int64_t parts = 4 * (helpers + 1);
-  work->grain = work->blocks / parts > 0 ? work->blocks / parts : 1;
-  if (work->m == 0 || work->blocks == 0) return ffi::Error::Success();
-  for (int64_t i = 0; i < helpers && i + 1 < work->blocks; ++i) {
-    pool.Schedule([work] { work->Run(); });
+  work->blocks = xd[0] > 0 ? wd[0] : 0;
+  RunParallel(pool, work);
+  return ffi::Error::Success();
+}
+
+ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::BF16> out) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2 || wd[0] % 2 || wd[1] % kCols) {
+    return ffi::Error::InvalidArgument("bond_bf16_pack: want w [K, N], K even, N % 32 == 0");
   }
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->blocks) _mm_pause();
+  auto work = std::make_shared<Work>();
+  work->x = nullptr;
+  work->w = reinterpret_cast<const uint16_t*>(w.typed_data());
+  work->out = reinterpret_cast<uint16_t*>(out->typed_data());
+  work->k = wd[0];
+  work->n = wd[1];
+  work->blocks = wd[1] / kCols;
+  RunParallel(pool, work);
   return ffi::Error::Success();
 }
 
@@ -121,3 +166,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Matmul, Impl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Pack, PackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());

@@ -32,6 +32,7 @@ import numpy as np
 Array = jax.Array
 
 TARGET = "bond_bf16_matmul"
+PACK_TARGET = "bond_bf16_pack"
 COLS = 32            # output columns per packed block (cpu_matmul.cc: kCols)
 _SOURCE = pathlib.Path(__file__).with_name("cpu_matmul.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512bf16")
@@ -80,6 +81,7 @@ def _load() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(_compile()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BondBf16Matmul), platform="cpu")
+    jax.ffi.register_ffi_target(PACK_TARGET, jax.ffi.pycapsule(lib.BondBf16Pack), platform="cpu")
   except Exception as e:  # noqa: BLE001 -- any failure means: use the plain XLA dots
     logging.warning("bond.models.cpu_matmul: kernel unavailable, using XLA dots: %s", e)
     return False
@@ -107,8 +109,11 @@ def pack(w: Array, contract: int = 1) -> Array:
   n = int(np.prod(w.shape[contract:]))
   if not supports(k, n):
     raise ValueError(f"cannot pack a [{k}, {n}] weight: need K even and N a multiple of {COLS}")
-  w = w.astype(jnp.bfloat16).reshape(k // 2, 2, n // COLS, COLS)
-  return w.transpose(2, 0, 3, 1)
+  w = w.astype(jnp.bfloat16).reshape(k, n)
+  if available():   # the same permutation as below, about 5x faster than XLA:CPU's transpose
+    return jax.ffi.ffi_call(PACK_TARGET, jax.ShapeDtypeStruct((n // COLS, k // 2, COLS, 2),
+                                                              jnp.bfloat16))(w)
+  return w.reshape(k // 2, 2, n // COLS, COLS).transpose(2, 0, 3, 1)
 
 
 def matmul(x: Array, packed: Array) -> Array:

@@ -120,6 +120,25 @@ def _einsum(equation: str, x: Array, w: Array, dtype: Any) -> Array:
                     preferred_element_type=jnp.float32).astype(dtype)
 
 
+@jax.custom_jvp
+def _take_rows(table: Array, ids: Array) -> Array:
+  """`jnp.take(table, ids, axis=0)`; a bf16 table is gathered as its uint16 bits.
+
+  XLA:CPU has no bf16 gather: it converted the whole table (the embedding, V x D) to f32 on
+  every call. The bits gather is exact, and the JVP below keeps it differentiable.
+  """
+  if table.dtype == jnp.bfloat16:
+    bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+  return jnp.take(table, ids, axis=0)
+
+
+@_take_rows.defjvp
+def _take_rows_jvp(primals, tangents):
+  table, ids = primals
+  return _take_rows(table, ids), jnp.take(tangents[0], ids, axis=0)
+
+
 def _project(module: nn.Module, name: str, equation: str, x: Array, w: Array, dtype: Any) -> Array:
   """`_einsum(equation, x, w)` for the weight param `name` of `module`.
 
@@ -356,7 +375,7 @@ class Gemma(nn.Module):
     embedding = self.param("input_embedding", nn.with_logical_partitioning(
         _dense_init(), ("vocab", "embed")),
         (cfg.vocab_size, cfg.embed_dim), cfg.param_dtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
+    x = _take_rows(embedding, tokens).astype(cfg.dtype)
     x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
