@@ -9,8 +9,8 @@ setuptools.setup(
     version="0.1.0",
     description="Best-of-N alignment of Gemma-style models in JAX/Flax (BOND, J-BOND, BoNBoN).",
     packages=setuptools.find_packages(include=["bond", "bond.*", "configs", "launch"]),
-    # The CPU decode kernel is compiled from source on first use (bond/models/cpu_matmul.py).
-    package_data={"bond.models": ["cpu_matmul.cc"]},
+    # The CPU decode kernel is compiled from source on first use (bond/models/cpu_kernels.py).
+    package_data={"bond.models": ["cpu_kernels.cc"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",

@@ -5,7 +5,7 @@ sampled (8..32) and weights too large to stay in cache. This script times exactl
 different weight matrices of one shape, applied in sequence inside one jitted function (so each
 is read from memory, not cache), in bf16 with f32 accumulation, against `torch.nn.functional.linear`
 on the same shapes, and reports weight streaming rate (GB/s) and GFLOP/s next to the machine's
-memory bandwidth measured in the same run. The middle column is `bond.models.cpu_matmul` (the
+memory bandwidth measured in the same run. The middle column is `bond.models.cpu_kernels` (the
 AVX512-BF16 kernel the sampler's decode loop uses where it can), on the same chain.
 
   python benchmarks/matmul.py
@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bond.models import cpu_matmul
+from bond.models import cpu_kernels
 import sampler   # benchmarks/sampler.py (this script's directory is on sys.path)
 
 COPIES = 16
@@ -33,12 +33,12 @@ def xla_chain(m: int, k: int, n: int, kernel: bool = False) -> float:
   """Seconds per matmul of a jitted chain over COPIES distinct bf16 weights."""
   weights = [jnp.full((k, n), 0.01 * (i + 1), jnp.bfloat16) for i in range(COPIES)]
   if kernel:
-    weights = [cpu_matmul.pack(w) for w in weights]
+    weights = [cpu_kernels.pack(w) for w in weights]
 
   @jax.jit
   def chain(x, weights):
     for w in weights:
-      y = (cpu_matmul.matmul(x, w) if kernel else
+      y = (cpu_kernels.matmul(x, w) if kernel else
            jnp.dot(x, w, preferred_element_type=jnp.float32))
       x = x + y[:, :1].astype(x.dtype)                      # serial dependency
     return x
@@ -71,9 +71,9 @@ def main():
   bandwidth = x.nbytes / best_time(lambda: total(x).block_until_ready(), 5)
   del x
   print(f"memory bandwidth (jitted read of 512 MiB): {bandwidth / 1e9:.1f} GB/s")
-  kernel = cpu_matmul.available()
+  kernel = cpu_kernels.available()
   if not kernel:
-    print("bond.models.cpu_matmul is not available here (needs avx512_bf16): column left empty")
+    print("bond.models.cpu_kernels is not available here (needs avx512_bf16): column left empty")
   print(f"{'M':>3} {'K':>5} {'N':>6} | {'XLA GB/s':>8} {'GFLOP/s':>7} | {'kernel GB/s':>11} "
         f"{'GFLOP/s':>7} | {'torch GB/s':>10} {'GFLOP/s':>7} | XLA/kernel torch/kernel")
   rate = lambda t, m, k, n: f"{2 * k * n / t / 1e9:.1f} {2 * m * k * n / t / 1e9:>7.0f}"  # noqa: E731

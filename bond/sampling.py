@@ -22,7 +22,8 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from bond.models import cpu_matmul, gemma
+from bond.models import cpu_kernels as cpu_kernels_lib
+from bond.models import gemma
 
 Array = jax.Array
 
@@ -148,22 +149,22 @@ def _prefill(config: gemma.GemmaConfig, params: Any, tokens: Array, mask: Array,
   return cache
 
 
-def _decode_step(config, variables, cache, tokens, positions):
+def _decode_step(config, variables, cache, tokens, positions, cpu_kernels=False):
   """One token per row: tokens, positions [R] -> f32 logits [R, V], updated cache."""
-  logits, cache = gemma.Gemma(config).apply(
+  logits, cache = gemma.Gemma(config, cpu_kernels=cpu_kernels).apply(
       variables, tokens[:, None], positions=positions[:, None],
       attention_mask=jnp.ones((tokens.shape[0], 1), jnp.bool_), cache=cache)
   return logits[:, 0], cache
 
 
-def _use_cpu_kernel(config: gemma.GemmaConfig, cpu_kernel: bool | None) -> bool:
-  """Whether the decode loop runs its matmuls through `bond.models.cpu_matmul` (bf16 only)."""
-  if cpu_kernel is False:
+def _use_cpu_kernels(config: gemma.GemmaConfig, cpu_kernels: bool | None) -> bool:
+  """Whether the decode loop runs through `bond.models.cpu_kernels` (bf16 only)."""
+  if cpu_kernels is False:
     return False
-  usable = jnp.dtype(config.dtype) == jnp.bfloat16 and cpu_matmul.available()
-  if cpu_kernel and not usable:
-    raise ValueError("cpu_kernel=True needs config.dtype=bfloat16 on a single CPU device with "
-                     "avx512_bf16 and a C++ compiler (see bond.models.cpu_matmul)")
+  usable = jnp.dtype(config.dtype) == jnp.bfloat16 and cpu_kernels_lib.available()
+  if cpu_kernels and not usable:
+    raise ValueError("cpu_kernels=True needs config.dtype=bfloat16 on a single CPU device with "
+                     "avx512_bf16 and a C++ compiler (see bond.models.cpu_kernels)")
   return usable
 
 
@@ -180,7 +181,7 @@ def _eos_tuple(config: gemma.GemmaConfig, eos_id) -> tuple[int, ...]:
 def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prompt_mask: Array,
               rng: Array, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
               top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = ...,
-              cpu_kernel: bool | None = None) -> SampleOutput:
+              cpu_kernels: bool | None = None) -> SampleOutput:
   """Pure, traceable body of `sample` (call it inside your own jit); see `sample`."""
   b, p = prompt_tokens.shape
   n, t = num_samples, max_new_tokens
@@ -206,7 +207,8 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
 
   # Decode is bound by streaming the weights; on CPU the packed kernel streams them faster.
   variables = {"params": params}
-  if _use_cpu_kernel(config, cpu_kernel):
+  kernels = _use_cpu_kernels(config, cpu_kernels)
+  if kernels:
     variables[gemma.PACKED] = gemma.pack_weights(params)
 
   r = b * n
@@ -227,7 +229,7 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
 
   def body(state):
     i, token, pos, done, cache, out = state
-    logits, cache = _decode_step(config, variables, cache, token, pos)
+    logits, cache = _decode_step(config, variables, cache, token, pos, kernels)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
     new, sample_lp = _choose(logits, step_keys, temperature, top_k, top_p)
     # Unprocessed sampling (temperature 1, no top-k/top-p) already has the model's log-probs.
@@ -247,28 +249,29 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
 
 
 _STATIC = ("config", "max_new_tokens", "num_samples", "temperature", "top_k", "top_p", "eos_id",
-           "cpu_kernel")
+           "cpu_kernels")
 _sample_jit = jax.jit(sample_fn, static_argnames=_STATIC)
 
 
 def sample(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prompt_mask: Array,
            rng: Array, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = ...,
-           cpu_kernel: bool | None = None) -> SampleOutput:
+           cpu_kernels: bool | None = None) -> SampleOutput:
   """Samples `num_samples` completions per prompt; returns tokens/mask/logprobs [B, N, T].
 
   prompt_tokens [B, P] int32 LEFT-padded, prompt_mask [B, P] bool (every prompt needs >= 1 real
   token, e.g. bos). rng: one PRNG key, or [B] keys (one per prompt: a prompt's samples then do
   not depend on the rest of the batch). temperature 0 is greedy decoding. eos_id: an id or ids
   that stop a row (kept in the output, masked 1); None or -1: no stop; default `config.eos_id`.
-  cpu_kernel: run the decode matmuls through `bond.models.cpu_matmul` (bf16 on one CPU device
-  with avx512_bf16); None (default) uses it where it can run, False never, True or an error.
+  cpu_kernels: run the decode loop's matmuls and attention through `bond.models.cpu_kernels`
+  (bf16 on one CPU device with avx512_bf16); None (default): where they can run; False: never;
+  True: always, or an error.
   Compiled once per (config, shapes, static options); traceable inside an outer `jax.jit`.
   """
   return _sample_jit(config, params, prompt_tokens, prompt_mask, rng,
                      max_new_tokens=max_new_tokens, num_samples=num_samples,
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                     eos_id=_eos_tuple(config, eos_id), cpu_kernel=cpu_kernel)
+                     eos_id=_eos_tuple(config, eos_id), cpu_kernels=cpu_kernels)
 
 
 def generate_text(config: gemma.GemmaConfig, params: Any, tokenizer, prompts: list[str],

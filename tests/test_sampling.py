@@ -226,8 +226,8 @@ def test_prompts_are_prefilled_once_for_all_samples(monkeypatch):
   prefill, decode = sampling._prefill, sampling._decode_step
   monkeypatch.setattr(sampling, "_prefill", lambda c, p, toks, *a: (
       seen["prefill"].append(toks.shape), prefill(c, p, toks, *a))[1])
-  monkeypatch.setattr(sampling, "_decode_step", lambda c, p, cache, toks, pos: (
-      seen["decode"].append(toks.shape), decode(c, p, cache, toks, pos))[1])
+  monkeypatch.setattr(sampling, "_decode_step", lambda c, p, cache, toks, *a: (
+      seen["decode"].append(toks.shape), decode(c, p, cache, toks, *a))[1])
   fn = jax.jit(lambda p, t, m, k: sampling.sample_fn(config, p, t, m, k, max_new_tokens=4,
                                                       num_samples=5))
   jax.block_until_ready(fn(params, tokens, mask, jax.random.key(0)))

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond.models import cpu_matmul
+from bond.models import cpu_kernels
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -150,7 +150,7 @@ def _project(module: nn.Module, name: str, equation: str, x: Array, w: Array, dt
   x_spec, w_spec = equation.split("->")[0].split(",")
   contract = len(set(x_spec) & set(w_spec))
   lead = x.shape[:x.ndim - contract]
-  y = cpu_matmul.matmul(x.reshape(*lead, -1).astype(dtype), module.get_variable(PACKED, name))
+  y = cpu_kernels.matmul(x.reshape(*lead, -1).astype(dtype), module.get_variable(PACKED, name))
   return y.reshape(*lead, *w.shape[contract:]).astype(dtype)
 
 
@@ -194,6 +194,7 @@ def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | Non
 class Attention(nn.Module):
   config: GemmaConfig
   layer_type: str
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, kv_ctx: "KVContext") -> tuple[Array, Cache | None]:
@@ -225,6 +226,12 @@ class Attention(nn.Module):
     mask = attention_mask(positions, kv_ctx.k_pos, kv_ctx.k_valid, window)   # [B, T, S]
 
     b, t = q.shape[:2]
+    if self.cpu_kernels and t == 1 and new_cache is not None and new_cache["k"].dtype == jnp.uint16:
+      out = cpu_kernels.decode_attention(q.reshape(b, k, h // k, hd), new_cache["k"],
+                                        new_cache["v"], mask[:, 0], cfg.attn_logit_softcap or 0.0)
+      out = _project(self, "attn_vec_einsum", "BTNH,NHD->BTD",
+                     out.astype(cfg.dtype).reshape(b, t, h, hd), w_o, cfg.dtype)
+      return out, new_cache
     q = q.reshape(b, t, k, h // k, hd)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key,
                         preferred_element_type=jnp.float32)
@@ -260,13 +267,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
   config: GemmaConfig
   layer_type: str
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, kv_ctx: "KVContext"):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)  # noqa: E731
     h = norm("pre_attention_norm")(x)
-    h, new_cache = Attention(cfg, self.layer_type, name="attn")(h, positions, kv_ctx)
+    h, new_cache = Attention(cfg, self.layer_type, self.cpu_kernels, name="attn")(
+        h, positions, kv_ctx)
     if cfg.use_post_norms:
       h = norm("post_attention_norm")(h)
     x = x + h
@@ -354,9 +363,14 @@ class Gemma(nn.Module):
   attention_mask [B, T]: 1 on real tokens (left padding allowed); positions [B, T] default to
   `default_positions(attention_mask)`. With `cache=` (from `init_cache`), the tokens are
   written at `cache['index']` and `(logits, new_cache)` is returned.
+
+  cpu_kernels: decode steps (T = 1 over a bf16 cache) run their attention through
+  `cpu_kernels.decode_attention`; only where `cpu_kernels.available()` (the sampler decides).
+  Packed weights passed in the `PACKED` collection (`pack_weights`) use the matmul kernel.
   """
 
   config: GemmaConfig
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
@@ -391,14 +405,15 @@ class Gemma(nn.Module):
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache["layers"][i]
       ctx = KVContext(k_pos, k_valid, layer_cache, index)
-      x, layer_new = block_cls(cfg, cfg.layer_type(i), name=f"layer_{i}")(x, positions, ctx)
+      x, layer_new = block_cls(cfg, cfg.layer_type(i), self.cpu_kernels, name=f"layer_{i}")(
+          x, positions, ctx)
       new_layers.append(layer_new)
     x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="final_norm")(x)
     if return_hidden:
       out = x
     else:
       if self.has_variable(PACKED, "input_embedding"):   # packed transposed, [D, V]
-        out = cpu_matmul.matmul(x, self.get_variable(PACKED, "input_embedding"))
+        out = cpu_kernels.matmul(x, self.get_variable(PACKED, "input_embedding"))
       else:
         out = jnp.einsum("BTD,VD->BTV", x, embedding.astype(cfg.dtype),
                          preferred_element_type=jnp.float32)
@@ -439,7 +454,7 @@ _LAYER_MATMULS = (("attn", "q_einsum", 1), ("attn", "kv_einsum", 1), ("attn", "a
 
 
 def pack_weights(params: Any) -> dict[str, Any]:
-  """Packed copies of the matmul weights for the CPU decode kernel (`bond.models.cpu_matmul`).
+  """Packed copies of the matmul weights for the CPU decode kernel (`bond.models.cpu_kernels`).
 
   Pass them next to the params, `apply({"params": p, PACKED: pack_weights(p)}, ...)`,
   and those matmuls run through the kernel. Weights whose shapes it cannot take are left out
@@ -447,7 +462,7 @@ def pack_weights(params: Any) -> dict[str, Any]:
   Pack once, outside any decode loop: it is a full pass over the weights.
   """
   def packable(w, contract):
-    return cpu_matmul.supports(int(np.prod(w.shape[:contract])), int(np.prod(w.shape[contract:])))
+    return cpu_kernels.supports(int(np.prod(w.shape[:contract])), int(np.prod(w.shape[contract:])))
 
   packed: dict[str, Any] = {}
   for layer, layer_params in params.items():
@@ -456,8 +471,8 @@ def pack_weights(params: Any) -> dict[str, Any]:
     for module, name, contract in _LAYER_MATMULS:
       w = layer_params[module][name]
       if packable(w, contract):
-        packed.setdefault(layer, {}).setdefault(module, {})[name] = cpu_matmul.pack(w, contract)
+        packed.setdefault(layer, {}).setdefault(module, {})[name] = cpu_kernels.pack(w, contract)
   embedding_t = params["input_embedding"].T
   if packable(embedding_t, 1):
-    packed["input_embedding"] = cpu_matmul.pack(embedding_t)
+    packed["input_embedding"] = cpu_kernels.pack(embedding_t)
   return packed

@@ -1,4 +1,4 @@
-"""The AVX512-BF16 decode matmul kernel against float64 numpy, and the sampler that uses it."""
+"""The AVX512-BF16 decode kernels against float64 numpy, and the sampler that uses them."""
 
 import functools
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from bond import sampling
-from bond.models import cpu_matmul, gemma
+from bond.models import cpu_kernels, gemma
 from conftest import padded_batch
 from test_sampling import teacher_forced_logprobs, tiny_model
 
 # CI and dev machines have avx512_bf16: there the kernel must build and run (a failed compile is
 # a test failure, not a silent fallback). Elsewhere only the fallback is checked.
-HAS_KERNEL = cpu_matmul.cpu_has_avx512_bf16()
+HAS_KERNEL = cpu_kernels.cpu_has_avx512_bf16()
 
 
 def _bf16(rng, shape, scale=1.0):
@@ -22,29 +22,29 @@ def _bf16(rng, shape, scale=1.0):
 
 
 def test_kernel_is_available_exactly_when_the_cpu_has_avx512_bf16():
-  assert cpu_matmul.available() == HAS_KERNEL
+  assert cpu_kernels.available() == HAS_KERNEL
 
 
 @pytest.mark.parametrize("kernel", ["1", "0"], ids=["ffi_pack", "xla_pack"])
 def test_pack_layout(kernel, monkeypatch):
   # Block b, pair j, column c, half p holds w[2j + p, 32b + c]; packed by the FFI op where the
   # kernel is available, else by an XLA transpose.
-  monkeypatch.setenv("BOND_CPU_MATMUL", kernel)
+  monkeypatch.setenv("BOND_CPU_KERNELS", kernel)
   k, n = 4, 64
   w = jnp.arange(k * n, dtype=jnp.float32).reshape(k, n)      # integers < 256: exact in bf16
-  packed = np.asarray(cpu_matmul.pack(w), np.float32)
+  packed = np.asarray(cpu_kernels.pack(w), np.float32)
   assert packed.shape == (n // 32, k // 2, 32, 2)
   for b, j, c, p in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 1, 31, 1), (1, 1, 5, 0), (0, 1, 7, 0)]:
     assert packed[b, j, c, p] == w[2 * j + p, 32 * b + c]
   # Leading contracted dims are flattened first: [2, 2, 64] with contract=2 is [4, 64].
-  np.testing.assert_array_equal(cpu_matmul.pack(w.reshape(2, 2, n), contract=2), packed)
+  np.testing.assert_array_equal(cpu_kernels.pack(w.reshape(2, 2, n), contract=2), packed)
 
 
 @pytest.mark.parametrize("bad", [(6, 48), (5, 64), (1, 32)])
 def test_pack_rejects_unsupported_shapes(bad):
-  assert not cpu_matmul.supports(*bad)
+  assert not cpu_kernels.supports(*bad)
   with pytest.raises(ValueError, match="cannot pack"):
-    cpu_matmul.pack(jnp.zeros(bad))
+    cpu_kernels.pack(jnp.zeros(bad))
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
@@ -54,12 +54,12 @@ def test_matmul_matches_float64(m, k, n):
   rng = np.random.default_rng(m * k + n)
   x, w = _bf16(rng, (m, k)), _bf16(rng, (k, n))
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)    # exact products of bf16 inputs
-  got = jax.jit(cpu_matmul.matmul)(x, cpu_matmul.pack(w))
+  got = jax.jit(cpu_kernels.matmul)(x, cpu_kernels.pack(w))
   assert got.dtype == jnp.float32 and got.shape == (m, n)
   # f32 accumulation of K products of size ~1: error ~ K * 2^-24 * |terms|, far below 1e-3.
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * k)
   # Leading batch dims are kept.
-  got3 = cpu_matmul.matmul(x.reshape(1, m, k), cpu_matmul.pack(w))
+  got3 = cpu_kernels.matmul(x.reshape(1, m, k), cpu_kernels.pack(w))
   np.testing.assert_array_equal(np.asarray(got3)[0], np.asarray(got))
 
 
@@ -67,7 +67,57 @@ def test_matmul_matches_float64(m, k, n):
 def test_matmul_rejects_wrong_feature_count():
   rng = np.random.default_rng(0)
   with pytest.raises(ValueError, match="expects 64"):
-    cpu_matmul.matmul(_bf16(rng, (2, 32)), cpu_matmul.pack(_bf16(rng, (64, 32))))
+    cpu_kernels.matmul(_bf16(rng, (2, 32)), cpu_kernels.pack(_bf16(rng, (64, 32))))
+
+
+def _bf16_round(x):
+  return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
+def _attention_reference(q, k, v, mask, softcap):
+  """float64 decode attention: q [R, K, G, Hd], k [R, S, K, Hd], v [R, K, Hd, S], mask [R, S]."""
+  logits = np.einsum("rkgh,rskh->rkgs", q, k)
+  if softcap:
+    logits = np.tanh(logits / softcap) * softcap
+  logits = np.where(mask[:, None, None], logits, -np.inf)
+  logits = np.where(mask.any(-1)[:, None, None, None], logits, 0.0)   # fully masked: uniform
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p = _bf16_round(p / p.sum(-1, keepdims=True))          # the model rounds probs to bf16
+  return np.einsum("rkgs,rkhs->rkgh", p, v)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+@pytest.mark.parametrize("r,kh,g,hd,s,softcap", [(5, 2, 3, 24, 37, 0.0), (4, 1, 4, 128, 143, 0.0),
+                                                 (3, 2, 8, 16, 16, 2.5), (2, 1, 9, 32, 5, 0.0)])
+def test_decode_attention_matches_float64(r, kh, g, hd, s, softcap):
+  rng = np.random.default_rng(r * s + g)
+  q = _bf16(rng, (r, kh, g, hd), 0.3)
+  k, v = _bf16(rng, (r, s, kh, hd)), _bf16(rng, (r, kh, hd, s))
+  mask = rng.random((r, s)) < 0.7
+  mask[0] = False                                         # a fully masked row: uniform weights
+  mask[1, :] = False
+  mask[1, s // 2] = True                                  # a single visible key
+  bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)  # noqa: E731
+  got = cpu_kernels.decode_attention(q, bits(k), bits(v), jnp.asarray(mask), softcap)
+  want = _attention_reference(*(np.asarray(a, np.float64) for a in (q, k, v)), mask, softcap)
+  assert got.shape == (r, kh, g, hd) and got.dtype == jnp.float32
+  # Logits and softmax agree to f32 rounding (errors here are <= 5e-7). Where a probability p
+  # sits on a bf16 rounding boundary the two may round apart, moving an output by p * 2^-8 * |v|;
+  # 1e-3 leaves room for that on small p. An exp off by 0.5% (a wrong Taylor term) gives 5e-3.
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(got)[1], np.asarray(v, np.float64)[1, :, :, s // 2][
+      :, None, :].repeat(g, 1), rtol=0, atol=1e-6)        # one key: exactly its value
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+def test_decode_attention_rejects_bad_shapes():
+  z = jnp.zeros
+  with pytest.raises(ValueError, match="do not fit"):
+    cpu_kernels.decode_attention(z((2, 1, 4, 16)), z((2, 8, 1, 8), jnp.uint16),
+                                 z((2, 1, 16, 8), jnp.uint16), z((2, 8), bool))
+  with pytest.raises(ValueError, match="uint16 bits"):
+    cpu_kernels.decode_attention(z((2, 1, 4, 16)), z((2, 8, 1, 16)), z((2, 1, 16, 8)),
+                                 z((2, 8), bool))
 
 
 def test_packed_model_matches_the_einsum_model():
@@ -89,20 +139,22 @@ def test_packed_model_matches_the_einsum_model():
   np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), atol=0.02 * scale)
 
 
-def test_sampler_uses_the_kernel_in_bf16_and_matches_a_teacher_forced_pass():
-  config, params = tiny_model(dtype=jnp.bfloat16)
+@pytest.mark.parametrize("name", ["tiny_gemma3", "tiny_gemma2"])   # gemma2: attention softcap
+def test_sampler_uses_the_kernels_in_bf16_and_matches_a_teacher_forced_pass(name):
+  config, params = tiny_model(name, dtype=jnp.bfloat16)
   tokens, mask = padded_batch()
   kw = dict(max_new_tokens=6, num_samples=2, eos_id=None)
   lower = lambda **o: jax.jit(functools.partial(sampling.sample_fn, config, **kw, **o)).lower(  # noqa: E731
       params, tokens, mask, jax.random.key(0)).as_text()
-  assert (cpu_matmul.TARGET in lower()) == HAS_KERNEL           # auto: on where it can run
-  assert cpu_matmul.TARGET not in lower(cpu_kernel=False)
-  f32_config, _ = tiny_model()
-  assert cpu_matmul.TARGET not in jax.jit(functools.partial(sampling.sample_fn, f32_config, **kw)
+  for target in (cpu_kernels.TARGET, cpu_kernels.ATTENTION_TARGET):
+    assert (target in lower()) == HAS_KERNEL                    # auto: on where it can run
+    assert target not in lower(cpu_kernels=False)
+  f32_config, _ = tiny_model(name)
+  assert cpu_kernels.TARGET not in jax.jit(functools.partial(sampling.sample_fn, f32_config, **kw)
                                           ).lower(params, tokens, mask, jax.random.key(0)).as_text()
   if not HAS_KERNEL:
     return
-  out = sampling.sample(config, params, tokens, mask, jax.random.key(0), **kw, cpu_kernel=True)
+  out = sampling.sample(config, params, tokens, mask, jax.random.key(0), **kw, cpu_kernels=True)
   want = teacher_forced_logprobs(config, params, tokens, mask, out)   # einsum path, no cache
   np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=0.1)   # bf16 rounding
 
@@ -110,16 +162,16 @@ def test_sampler_uses_the_kernel_in_bf16_and_matches_a_teacher_forced_pass():
 def test_cpu_kernel_true_fails_clearly_where_it_cannot_run():
   config, params = tiny_model()                                  # f32: the kernel is bf16 only
   tokens, mask = padded_batch()
-  with pytest.raises(ValueError, match="cpu_kernel=True needs config.dtype=bfloat16"):
+  with pytest.raises(ValueError, match="cpu_kernels=True needs config.dtype=bfloat16"):
     sampling.sample(config, params, tokens, mask, jax.random.key(0), max_new_tokens=2,
-                    cpu_kernel=True)
+                    cpu_kernels=True)
 
 
 def test_env_switch_turns_the_kernel_off(monkeypatch):
-  monkeypatch.setenv("BOND_CPU_MATMUL", "0")
-  assert not cpu_matmul.available()
+  monkeypatch.setenv("BOND_CPU_KERNELS", "0")
+  assert not cpu_kernels.available()
   config, params = tiny_model(dtype=jnp.bfloat16)
   tokens, mask = padded_batch()
   hlo = jax.jit(functools.partial(sampling.sample_fn, config, max_new_tokens=2)).lower(
       params, tokens, mask, jax.random.key(0)).as_text()
-  assert cpu_matmul.TARGET not in hlo
+  assert cpu_kernels.TARGET not in hlo

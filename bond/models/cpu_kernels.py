@@ -1,16 +1,21 @@
-"""A bf16 matmul kernel for decode steps on x86 CPUs (AVX512-BF16), called through the XLA FFI.
+"""CPU kernels for the decode loop on x86 CPUs with AVX512-BF16, called through the XLA FFI.
 
 Decode multiplies a few rows (the batch) by every weight matrix, so a step is bound by how fast
 the weights stream from memory. XLA:CPU's dots reach about half the machine's bandwidth there
-(benchmarks/RESULTS.md); `cpu_matmul.cc` reads weights pre-packed by `pack` as one sequential
-stream, split over XLA's intra-op threads, and reaches it.
+(benchmarks/RESULTS.md). `cpu_kernels.cc` has three kernels:
+  * `matmul`: reads weights pre-packed by `pack` as one sequential stream, split over XLA's
+    intra-op threads, and reaches the bandwidth;
+  * `pack`: the packing permutation, which XLA:CPU's transpose runs at ~2 GB/s;
+  * `decode_attention`: one query token per row over the bf16 KV cache read in place as its
+    uint16 bits. XLA:CPU materialises a bf16 copy of the cache for its attention dots and runs
+    them as many tiny batched products.
 
 Used only where it is correct and useful: on a single-device CPU backend whose CPU has
-avx512_bf16, for bf16 weights whose shapes fit (`supports`), in the sampler's decode loop
-(weights are packed once per `sample` call, outside the loop). Everywhere else, including TPU,
-GPU and sharded runs, the model runs its plain `einsum`s. The kernel is compiled with the system
-C++ compiler on first use and cached (`$BOND_KERNEL_CACHE`, default ~/.cache/bond); if that
-fails, a warning is logged once and the plain path is used. `BOND_CPU_MATMUL=0` turns it off.
+avx512_bf16, for a bf16 model, in the sampler's decode loop (weights are packed once per
+`sample` call, outside the loop). Everywhere else, including TPU, GPU and sharded runs, the
+model runs its plain XLA ops. The kernels are compiled with the system C++ compiler on first use
+and cached (`$BOND_KERNEL_CACHE`, default ~/.cache/bond); if that fails, a warning is logged
+once and the XLA path is used. `BOND_CPU_KERNELS=0` turns them off.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ Array = jax.Array
 
 TARGET = "bond_bf16_matmul"
 PACK_TARGET = "bond_bf16_pack"
-COLS = 32            # output columns per packed block (cpu_matmul.cc: kCols)
-_SOURCE = pathlib.Path(__file__).with_name("cpu_matmul.cc")
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512bf16")
+ATTENTION_TARGET = "bond_decode_attention"
+COLS = 32            # output columns per packed block (cpu_kernels.cc: kCols)
+_SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mavx512bf16")
 
 
 @functools.cache
@@ -57,7 +64,7 @@ def _compile() -> pathlib.Path:
   include = jax.ffi.include_dir()
   key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()
                        + jax.lib.__version__.encode() + include.encode()).hexdigest()[:16]
-  lib = _cache_dir() / f"cpu_matmul_{key}.so"
+  lib = _cache_dir() / f"cpu_kernels_{key}.so"
   if lib.exists():
     return lib
   cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -82,16 +89,24 @@ def _load() -> bool:
     lib = ctypes.cdll.LoadLibrary(str(_compile()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BondBf16Matmul), platform="cpu")
     jax.ffi.register_ffi_target(PACK_TARGET, jax.ffi.pycapsule(lib.BondBf16Pack), platform="cpu")
+    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.BondDecodeAttention),
+                                platform="cpu")
   except Exception as e:  # noqa: BLE001 -- any failure means: use the plain XLA dots
-    logging.warning("bond.models.cpu_matmul: kernel unavailable, using XLA dots: %s", e)
+    logging.warning("bond.models.cpu_kernels: kernel unavailable, using XLA dots: %s", e)
     return False
   return True
 
 
 def available() -> bool:
-  """True if the kernel can run here: one CPU device, avx512_bf16, and it compiled."""
-  return (os.environ.get("BOND_CPU_MATMUL", "1") != "0" and jax.default_backend() == "cpu"
+  """True if the kernels can run here: one CPU device, avx512_bf16, and they compiled."""
+  return (os.environ.get("BOND_CPU_KERNELS", "1") != "0" and jax.default_backend() == "cpu"
           and jax.device_count() == 1 and cpu_has_avx512_bf16() and _load())
+
+
+def _require() -> None:
+  if not (cpu_has_avx512_bf16() and _load()):
+    raise RuntimeError("bond.models.cpu_kernels: the kernel is not available on this machine "
+                       "(needs avx512_bf16 and a C++ compiler; see the logged warning)")
 
 
 def supports(k: int, n: int) -> bool:
@@ -124,5 +139,29 @@ def matmul(x: Array, packed: Array) -> Array:
     raise ValueError(f"x has {x.shape[-1]} features, the packed weight expects {k}")
   lead = x.shape[:-1]
   rows = int(np.prod(lead))
+  _require()
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
   return call(x.reshape(rows, k).astype(jnp.bfloat16), packed).reshape(*lead, n)
+
+
+def decode_attention(q: Array, k_bits: Array, v_bits: Array, mask: Array,
+                     softcap: float = 0.0) -> Array:
+  """One query token per row against a bf16 KV cache held as uint16 bits -> f32 [R, K, G, Hd].
+
+  q [R, K, G, Hd] (cast to bf16, already scaled), k_bits [R, S, K, Hd], v_bits [R, K, Hd, S]
+  (the layouts of `gemma.init_cache`), mask [R, S] (True: attend). Computes what
+  `gemma.Attention` does with XLA ops: f32 logits, optional `softcap * tanh(logits / softcap)`,
+  masked softmax in f32, probabilities rounded to bf16, f32 sum over the values.
+  """
+  r, kh, g, hd = q.shape
+  s = k_bits.shape[1]
+  if k_bits.shape != (r, s, kh, hd) or v_bits.shape != (r, kh, hd, s) or mask.shape != (r, s):
+    raise ValueError(f"decode_attention: q {q.shape}, k {k_bits.shape}, v {v_bits.shape}, "
+                     f"mask {mask.shape} do not fit q [R, K, G, Hd], k [R, S, K, Hd], "
+                     "v [R, K, Hd, S], mask [R, S]")
+  if k_bits.dtype != jnp.uint16 or v_bits.dtype != jnp.uint16:
+    raise ValueError("decode_attention: the cache must hold bf16 as uint16 bits")
+  _require()
+  call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+  return call(q.astype(jnp.bfloat16), k_bits, v_bits, mask.astype(jnp.bool_),
+              softcap=np.float32(softcap))

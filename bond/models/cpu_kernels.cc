@@ -1,0 +1,344 @@
+// Decode-loop kernels for x86 CPUs with AVX512-BF16, called from JAX through the XLA FFI (see
+// cpu_kernels.py): a bf16 matmul over pre-packed weights, the packing, and decode attention.
+//
+//   y[M, N] (f32) = x[M, K] (bf16) @ W[K, N] (bf16), with W pre-packed as [N/32, K/2, 32, 2]:
+//   for each block of 32 output columns, the K rows come as k-pairs, each pair one contiguous 128
+//   bytes (two zmm loads, already in the (k, k+1) interleave `vdpbf16ps` wants). One pass over
+//   W is one sequential stream, and the blocks are split across XLA's intra-op thread pool.
+#include <immintrin.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+#include <cmath>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kCols = 32;   // output columns per block
+constexpr int kRows = 8;        // rows of x per register tile (2 * 8 accumulators)
+
+template <int R>
+inline void Tile(const uint16_t* x, int64_t k, const uint16_t* w, float* y, int64_t n) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; j += 2, w += 2 * kCols) {
+    __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
+    __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + kCols);
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + r * k + j, 4);
+      __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      a0[r] = _mm512_dpbf16_ps(a0[r], xv, w0);
+      a1[r] = _mm512_dpbf16_ps(a1[r], xv, w1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(y + r * n, a0[r]);
+    _mm512_storeu_ps(y + r * n + 16, a1[r]);
+  }
+}
+
+// Output columns [32 b, 32 b + 32) for all m rows.
+void Block(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t k, int64_t n,
+           int64_t b) {
+  const uint16_t* wb = w + b * k * kCols;
+  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+    const uint16_t* xr = x + r0 * k;
+    float* yr = y + r0 * n + b * kCols;
+    switch (m - r0 >= kRows ? kRows : m - r0) {
+      case 8: Tile<8>(xr, k, wb, yr, n); break;
+      case 7: Tile<7>(xr, k, wb, yr, n); break;
+      case 6: Tile<6>(xr, k, wb, yr, n); break;
+      case 5: Tile<5>(xr, k, wb, yr, n); break;
+      case 4: Tile<4>(xr, k, wb, yr, n); break;
+      case 3: Tile<3>(xr, k, wb, yr, n); break;
+      case 2: Tile<2>(xr, k, wb, yr, n); break;
+      default: Tile<1>(xr, k, wb, yr, n); break;
+    }
+  }
+}
+
+// Packs columns [32 b, 32 b + 32) of w [K, N] into out block b: [K/2, 32, 2].
+void PackBlock(const uint16_t* w, uint16_t* out, int64_t k, int64_t n, int64_t b) {
+  // Interleave two rows' 32 columns: (r0[c], r1[c]) for c = 0..15, then c = 16..31.
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                      40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                      32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  uint16_t* ob = out + b * k * kCols;
+  for (int64_t j = 0; j < k; j += 2) {
+    __m512i r0 = _mm512_loadu_si512(w + j * n + b * kCols);
+    __m512i r1 = _mm512_loadu_si512(w + (j + 1) * n + b * kCols);
+    _mm512_storeu_si512(ob + j * kCols, _mm512_permutex2var_epi16(r0, lo, r1));
+    _mm512_storeu_si512(ob + j * kCols + kCols, _mm512_permutex2var_epi16(r0, hi, r1));
+  }
+}
+
+// Blocks are claimed `grain` at a time from a shared counter by the calling thread and by the
+// helpers it schedules. The caller waits only for blocks a helper has claimed (and is running),
+// so a helper that never gets a thread cannot deadlock the call; a late helper finds no work.
+struct Work {
+  std::function<void(int64_t)> block;
+  int64_t blocks = 0, grain = 1;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Run() {
+    for (;;) {
+      int64_t start = next.fetch_add(grain, std::memory_order_relaxed);
+      if (start >= blocks) return;
+      int64_t stop = start + grain < blocks ? start + grain : blocks;
+      for (int64_t b = start; b < stop; ++b) block(b);
+      done.fetch_add(stop - start, std::memory_order_release);
+    }
+  }
+};
+
+// Runs block(0 .. blocks-1) on the calling thread and on the other threads of XLA's pool.
+void RunParallel(ffi::ThreadPool& pool, int64_t blocks, std::function<void(int64_t)> block) {
+  if (blocks <= 0) return;
+  auto work = std::make_shared<Work>();
+  work->block = std::move(block);
+  work->blocks = blocks;
+  // The caller works too: with the pool's other threads that is one thread per pool thread.
+  int64_t helpers = pool.num_threads() > 1 ? pool.num_threads() - 1 : 0;
+  int64_t parts = 4 * (helpers + 1);
+  work->grain = blocks / parts > 0 ? blocks / parts : 1;
+  for (int64_t i = 0; i < helpers && i + 1 < blocks; ++i) {
+    pool.Schedule([work] { work->Run(); });
+  }
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < blocks) _mm_pause();
+}
+
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || wd[2] != kCols || wd[3] != 2 ||
+      xd[1] != 2 * wd[1]) {
+    return ffi::Error::InvalidArgument("bond_bf16_matmul: want x [M, K] and w [N/32, K/2, 32, 2]");
+  }
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* yp = y->typed_data();
+  int64_t m = xd[0], k = xd[1], n = wd[0] * kCols;
+  RunParallel(pool, m > 0 ? wd[0] : 0, [=](int64_t b) { Block(xp, wp, yp, m, k, n, b); });
+  return ffi::Error::Success();
+}
+
+ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::BF16> out) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2 || wd[0] % 2 || wd[1] % kCols) {
+    return ffi::Error::InvalidArgument("bond_bf16_pack: want w [K, N], K even, N % 32 == 0");
+  }
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
+  int64_t k = wd[0], n = wd[1];
+  RunParallel(pool, n / kCols, [=](int64_t b) { PackBlock(wp, op, k, n, b); });
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention over a bf16 KV cache held as uint16 bits (bond.models.gemma.init_cache):
+// one query token per row, logits and softmax in f32, probabilities rounded to bf16 before
+// the value product, as the XLA path (gemma.Attention) computes it.
+
+constexpr float kMask = -2.3819763e38f;   // gemma.K_MASK
+constexpr int64_t kMaxG = 8;              // query heads per kv head held in registers at once
+
+// 16 bf16 values (n <= 16 valid, the rest 0) as f32.
+inline __m512 LoadBf16(const uint16_t* p, int64_t n) {
+  __mmask16 valid = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
+  __m256i bits = _mm256_maskz_loadu_epi16(valid, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// exp(x) for x <= 0 to about 1e-6 relative (2^f by its Taylor series on |f| <= 1/2).
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Rounds f32 to bf16 (nearest even) and back, like XLA's convert.
+inline __m512 RoundBf16(__m512 x) {
+  __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// GN query heads against one key row: logits[g] = q[g] . key, q as f32 [GN, hv * 16].
+template <int GN>
+inline void QkRow(const float* qf, int64_t hv, const uint16_t* ks, int64_t hd, float* logits) {
+  __m512 acc[GN];
+  for (int g = 0; g < GN; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < hv; ++i) {
+    __m512 key = LoadBf16(ks + i * 16, hd - i * 16);
+    for (int g = 0; g < GN; ++g) {
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + (g * hv + i) * 16), key, acc[g]);
+    }
+  }
+  for (int g = 0; g < GN; ++g) logits[g] = _mm512_reduce_add_ps(acc[g]);
+}
+
+// GN probability rows (f32, stride ps) against one value row vh [S]: out[g * hd] = p[g] . vh.
+template <int GN>
+inline void PvRow(const float* p, int64_t ps, int64_t sv, const uint16_t* vh, int64_t s_len,
+                  float* out, int64_t hd) {
+  __m512 acc[GN];
+  for (int g = 0; g < GN; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < sv; ++i) {
+    __m512 val = LoadBf16(vh + i * 16, s_len - i * 16);
+    for (int g = 0; g < GN; ++g) {
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(p + g * ps + i * 16), val, acc[g]);
+    }
+  }
+  for (int g = 0; g < GN; ++g) out[g * hd] = _mm512_reduce_add_ps(acc[g]);
+}
+
+#define BOND_DISPATCH_G(gn, F, ...)                     \
+  switch (gn) {                                         \
+    case 8: F<8>(__VA_ARGS__); break;                   \
+    case 7: F<7>(__VA_ARGS__); break;                   \
+    case 6: F<6>(__VA_ARGS__); break;                   \
+    case 5: F<5>(__VA_ARGS__); break;                   \
+    case 4: F<4>(__VA_ARGS__); break;                   \
+    case 3: F<3>(__VA_ARGS__); break;                   \
+    case 2: F<2>(__VA_ARGS__); break;                   \
+    default: F<1>(__VA_ARGS__); break;                  \
+  }
+
+// One (row, kv head): q [G, Hd] bf16, keys at k + s * kstride [Hd], values v [Hd, S].
+void AttendOne(const uint16_t* q, const uint16_t* k, int64_t kstride, const uint16_t* v,
+               const bool* mask, float softcap, int64_t g_count, int64_t hd, int64_t s_len,
+               float* out, float* scratch) {
+  int64_t hv = (hd + 15) / 16, sv = (s_len + 15) / 16;
+  float* qf = scratch;                           // [G, hv * 16]
+  float* p = scratch + g_count * hv * 16;        // [G, sv * 16]
+  for (int64_t g = 0; g < g_count; ++g) {
+    for (int64_t i = 0; i < hv; ++i) {
+      _mm512_storeu_ps(qf + (g * hv + i) * 16, LoadBf16(q + g * hd + i * 16, hd - i * 16));
+    }
+  }
+  bool any = false;
+  for (int64_t s = 0; s < s_len; ++s) any |= mask[s];
+  for (int64_t s = 0; s < sv * 16; ++s) {
+    for (int64_t g = 0; g < g_count; ++g) p[g * sv * 16 + s] = 0.0f;
+  }
+  for (int64_t s = 0; s < s_len; ++s) {
+    if (any && !mask[s]) {
+      for (int64_t g = 0; g < g_count; ++g) p[g * sv * 16 + s] = kMask;
+      continue;
+    }
+    const uint16_t* ks = k + s * kstride;
+    for (int64_t g0 = 0; g0 < g_count; g0 += kMaxG) {
+      int64_t gn = g_count - g0 < kMaxG ? g_count - g0 : kMaxG;
+      float logits[kMaxG];
+      BOND_DISPATCH_G(gn, QkRow, qf + g0 * hv * 16, hv, ks, hd, logits)
+      for (int64_t g = 0; g < gn; ++g) {
+        float logit = logits[g];
+        if (softcap > 0) logit = std::tanh(logit / softcap) * softcap;
+        p[(g0 + g) * sv * 16 + s] = mask[s] ? logit : kMask;
+      }
+    }
+  }
+  for (int64_t g = 0; g < g_count; ++g) {
+    float* pg = p + g * sv * 16;
+    float top = kMask;
+    for (int64_t s = 0; s < s_len; ++s) top = pg[s] > top ? pg[s] : top;
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < sv; ++i) {
+      int64_t left = s_len - i * 16;
+      __mmask16 valid = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+      __m512 l = _mm512_loadu_ps(pg + i * 16);
+      __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(l, _mm512_set1_ps(top))));
+      if (any) e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(l, _mm512_set1_ps(kMask), _CMP_NEQ_OQ), e);
+      _mm512_storeu_ps(pg + i * 16, e);
+      total = _mm512_add_ps(total, e);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t i = 0; i < sv; ++i) {
+      _mm512_storeu_ps(pg + i * 16, RoundBf16(_mm512_mul_ps(_mm512_loadu_ps(pg + i * 16), inv)));
+    }
+  }
+  for (int64_t h = 0; h < hd; ++h) {
+    for (int64_t g0 = 0; g0 < g_count; g0 += kMaxG) {
+      int64_t gn = g_count - g0 < kMaxG ? g_count - g0 : kMaxG;
+      BOND_DISPATCH_G(gn, PvRow, p + g0 * sv * 16, sv * 16, sv, v + h * s_len, s_len,
+                      out + g0 * hd + h, hd)
+    }
+  }
+}
+
+ffi::Error AttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U16> k,
+                    ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::PRED> mask, float softcap,
+                    ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2) {
+    return ffi::Error::InvalidArgument("bond_decode_attention: want q [R, K, G, Hd], "
+                                       "k [R, S, K, Hd], v [R, K, Hd, S], mask [R, S]");
+  }
+  int64_t r = qd[0], kh = qd[1], g = qd[2], hd = qd[3], s_len = kd[1];
+  if (kd[0] != r || kd[2] != kh || kd[3] != hd || vd[0] != r || vd[1] != kh || vd[2] != hd ||
+      vd[3] != s_len || md[0] != r || md[1] != s_len) {
+    return ffi::Error::InvalidArgument("bond_decode_attention: inconsistent shapes");
+  }
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.typed_data());
+  const uint16_t* kp = k.typed_data();
+  const uint16_t* vp = v.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  int64_t scratch = g * ((hd + 15) / 16 + (s_len + 15) / 16) * 16;
+  RunParallel(pool, r * kh, [=](int64_t task) {
+    int64_t row = task / kh, head = task % kh;
+    std::vector<float> buf(scratch);
+    AttendOne(qp + task * g * hd, kp + (row * s_len * kh + head) * hd, kh * hd,
+              vp + task * hd * s_len, mp + row * s_len, softcap, g, hd, s_len,
+              op + task * g * hd, buf.data());
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Matmul, Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Pack, PackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondDecodeAttention, AttnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("softcap")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
