@@ -65,19 +65,25 @@ void Block(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t k,
   }
 }
 
-// Packs columns [32 b, 32 b + 32) of w [K, N] into out block b: [K/2, 32, 2].
-void PackBlock(const uint16_t* w, uint16_t* out, int64_t k, int64_t n, int64_t b) {
+constexpr int64_t kPackRows = 16;   // rows of w per packing task
+
+// Packs rows [j0, j1) of w [K, N] (j0, j1 even) into every block: block b is [K/2, 32, 2] and
+// holds columns [32 b, 32 b + 32). A task reads whole rows in order and writes (j1 - j0) * 64
+// contiguous bytes per block.
+void PackRows(const uint16_t* w, uint16_t* out, int64_t k, int64_t n, int64_t j0, int64_t j1) {
   // Interleave two rows' 32 columns: (r0[c], r1[c]) for c = 0..15, then c = 16..31.
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
                                       40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
                                       32, 0);
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  uint16_t* ob = out + b * k * kCols;
-  for (int64_t j = 0; j < k; j += 2) {
-    __m512i r0 = _mm512_loadu_si512(w + j * n + b * kCols);
-    __m512i r1 = _mm512_loadu_si512(w + (j + 1) * n + b * kCols);
-    _mm512_storeu_si512(ob + j * kCols, _mm512_permutex2var_epi16(r0, lo, r1));
-    _mm512_storeu_si512(ob + j * kCols + kCols, _mm512_permutex2var_epi16(r0, hi, r1));
+  for (int64_t b = 0; b < n / kCols; ++b) {
+    uint16_t* ob = out + b * k * kCols;
+    for (int64_t j = j0; j < j1; j += 2) {
+      __m512i r0 = _mm512_loadu_si512(w + j * n + b * kCols);
+      __m512i r1 = _mm512_loadu_si512(w + (j + 1) * n + b * kCols);
+      _mm512_storeu_si512(ob + j * kCols, _mm512_permutex2var_epi16(r0, lo, r1));
+      _mm512_storeu_si512(ob + j * kCols + kCols, _mm512_permutex2var_epi16(r0, hi, r1));
+    }
   }
 }
 
@@ -143,7 +149,9 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
   int64_t k = wd[0], n = wd[1];
-  RunParallel(pool, n / kCols, [=](int64_t b) { PackBlock(wp, op, k, n, b); });
+  RunParallel(pool, (k + kPackRows - 1) / kPackRows, [=](int64_t t) {
+    PackRows(wp, op, k, n, t * kPackRows, (t + 1) * kPackRows < k ? (t + 1) * kPackRows : k);
+  });
   return ffi::Error::Success();
 }
 
