@@ -162,14 +162,6 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
 // the value product, as the XLA path (gemma.Attention) computes it.
 
 constexpr float kMask = -2.3819763e38f;   // gemma.K_MASK
-constexpr int64_t kMaxG = 8;              // query heads per kv head held in registers at once
-
-// 16 bf16 values (n <= 16 valid, the rest 0) as f32.
-inline __m512 LoadBf16(const uint16_t* p, int64_t n) {
-  __mmask16 valid = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
-  __m256i bits = _mm256_maskz_loadu_epi16(valid, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
 
 // exp(x) for x <= 0 to about 1e-6 relative (2^f by its Taylor series on |f| <= 1/2).
 inline __m512 Exp(__m512 x) {
@@ -188,111 +180,102 @@ inline __m512 Exp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Rounds f32 to bf16 (nearest even) and back, like XLA's convert.
-inline __m512 RoundBf16(__m512 x) {
-  __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// Element j = the sum of a[j]'s 16 lanes: a transpose-and-add tree, 15 adds and 31 shuffles
+// for 16 sums (one _mm512_reduce_add_ps costs about as much as 8 of them).
+inline __m512 Reduce16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {   // 256-bit halves: b[i] = (a[2i] partials, a[2i+1] partials)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int i = 0; i < 4; ++i) {   // 128-bit lane m of c[i]: partials of a[4i + m]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  for (int i = 0; i < 2; ++i) {
+    d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  __m512 f = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // Element 4m + t of f is the sum of a[4t + m].
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, f);
 }
 
-// GN query heads against one key row: logits[g] = q[g] . key, q as f32 [GN, hv * 16].
-template <int GN>
-inline void QkRow(const float* qf, int64_t hv, const uint16_t* ks, int64_t hd, float* logits) {
-  __m512 acc[GN];
-  for (int g = 0; g < GN; ++g) acc[g] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < hv; ++i) {
-    __m512 key = LoadBf16(ks + i * 16, hd - i * 16);
-    for (int g = 0; g < GN; ++g) {
-      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + (g * hv + i) * 16), key, acc[g]);
+inline __mmask32 Prefix32(int64_t n) {
+  return n >= 32 ? 0xffffffffu : static_cast<__mmask32>((1u << n) - 1);
+}
+
+inline __mmask16 Prefix16(int64_t n) {
+  return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// Element j < count: x . rows[j] over n bf16 values (products exact, f32 sums); 0 for j >= count.
+inline __m512 Dot16(const uint16_t* x, const uint16_t* rows, int64_t stride, int64_t count,
+                    int64_t n) {
+  __m512 acc[16];
+  const uint16_t* row[16];
+  for (int j = 0; j < 16; ++j) {
+    acc[j] = _mm512_setzero_ps();
+    row[j] = rows + (j < count ? j : 0) * stride;
+  }
+  for (int64_t i = 0; i < n; i += 32) {
+    __mmask32 valid = Prefix32(n - i);
+    __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(valid, x + i);
+    for (int j = 0; j < 16; ++j) {
+      acc[j] = _mm512_dpbf16_ps(acc[j], xv, (__m512bh)_mm512_maskz_loadu_epi16(valid, row[j] + i));
     }
   }
-  for (int g = 0; g < GN; ++g) logits[g] = _mm512_reduce_add_ps(acc[g]);
+  return _mm512_maskz_mov_ps(Prefix16(count), Reduce16(acc));
 }
-
-// GN probability rows (f32, stride ps) against one value row vh [S]: out[g * hd] = p[g] . vh.
-template <int GN>
-inline void PvRow(const float* p, int64_t ps, int64_t sv, const uint16_t* vh, int64_t s_len,
-                  float* out, int64_t hd) {
-  __m512 acc[GN];
-  for (int g = 0; g < GN; ++g) acc[g] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < sv; ++i) {
-    __m512 val = LoadBf16(vh + i * 16, s_len - i * 16);
-    for (int g = 0; g < GN; ++g) {
-      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(p + g * ps + i * 16), val, acc[g]);
-    }
-  }
-  for (int g = 0; g < GN; ++g) out[g * hd] = _mm512_reduce_add_ps(acc[g]);
-}
-
-#define BOND_DISPATCH_G(gn, F, ...)                     \
-  switch (gn) {                                         \
-    case 8: F<8>(__VA_ARGS__); break;                   \
-    case 7: F<7>(__VA_ARGS__); break;                   \
-    case 6: F<6>(__VA_ARGS__); break;                   \
-    case 5: F<5>(__VA_ARGS__); break;                   \
-    case 4: F<4>(__VA_ARGS__); break;                   \
-    case 3: F<3>(__VA_ARGS__); break;                   \
-    case 2: F<2>(__VA_ARGS__); break;                   \
-    default: F<1>(__VA_ARGS__); break;                  \
-  }
 
 // One (row, kv head): q [G, Hd] bf16, keys at k + s * kstride [Hd], values v [Hd, S].
 void AttendOne(const uint16_t* q, const uint16_t* k, int64_t kstride, const uint16_t* v,
                const bool* mask, float softcap, int64_t g_count, int64_t hd, int64_t s_len,
                float* out, float* scratch) {
-  int64_t hv = (hd + 15) / 16, sv = (s_len + 15) / 16;
-  float* qf = scratch;                           // [G, hv * 16]
-  float* p = scratch + g_count * hv * 16;        // [G, sv * 16]
-  for (int64_t g = 0; g < g_count; ++g) {
-    for (int64_t i = 0; i < hv; ++i) {
-      _mm512_storeu_ps(qf + (g * hv + i) * 16, LoadBf16(q + g * hd + i * 16, hd - i * 16));
-    }
-  }
+  int64_t s16 = (s_len + 15) / 16 * 16, s32 = (s_len + 31) / 32 * 32;
+  float* p = scratch;                                           // [G, s16] f32
+  auto* pb = reinterpret_cast<uint16_t*>(scratch + g_count * s16);   // [G, s32] bf16 bits
   bool any = false;
   for (int64_t s = 0; s < s_len; ++s) any |= mask[s];
-  for (int64_t s = 0; s < sv * 16; ++s) {
-    for (int64_t g = 0; g < g_count; ++g) p[g * sv * 16 + s] = 0.0f;
-  }
-  for (int64_t s = 0; s < s_len; ++s) {
-    if (any && !mask[s]) {
-      for (int64_t g = 0; g < g_count; ++g) p[g * sv * 16 + s] = kMask;
-      continue;
-    }
-    const uint16_t* ks = k + s * kstride;
-    for (int64_t g0 = 0; g0 < g_count; g0 += kMaxG) {
-      int64_t gn = g_count - g0 < kMaxG ? g_count - g0 : kMaxG;
-      float logits[kMaxG];
-      BOND_DISPATCH_G(gn, QkRow, qf + g0 * hv * 16, hv, ks, hd, logits)
-      for (int64_t g = 0; g < gn; ++g) {
-        float logit = logits[g];
-        if (softcap > 0) logit = std::tanh(logit / softcap) * softcap;
-        p[(g0 + g) * sv * 16 + s] = mask[s] ? logit : kMask;
-      }
-    }
-  }
   for (int64_t g = 0; g < g_count; ++g) {
-    float* pg = p + g * sv * 16;
+    float* pg = p + g * s16;
+    for (int64_t s0 = 0; s0 < s_len; s0 += 16) {
+      int64_t count = s_len - s0 < 16 ? s_len - s0 : 16;
+      __m512 logits = Dot16(q + g * hd, k + s0 * kstride, kstride, count, hd);
+      if (softcap > 0) {
+        alignas(64) float l[16];
+        _mm512_store_ps(l, logits);
+        for (int j = 0; j < 16; ++j) l[j] = std::tanh(l[j] / softcap) * softcap;
+        logits = _mm512_load_ps(l);
+      }
+      __m128i m8 = _mm_maskz_loadu_epi8(Prefix16(count), mask + s0);
+      __mmask16 visible = _mm_test_epi8_mask(m8, m8);
+      _mm512_storeu_ps(pg + s0, _mm512_mask_mov_ps(_mm512_set1_ps(kMask), visible, logits));
+    }
     float top = kMask;
     for (int64_t s = 0; s < s_len; ++s) top = pg[s] > top ? pg[s] : top;
     __m512 total = _mm512_setzero_ps();
-    for (int64_t i = 0; i < sv; ++i) {
-      int64_t left = s_len - i * 16;
-      __mmask16 valid = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-      __m512 l = _mm512_loadu_ps(pg + i * 16);
-      __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(l, _mm512_set1_ps(top))));
-      if (any) e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(l, _mm512_set1_ps(kMask), _CMP_NEQ_OQ), e);
-      _mm512_storeu_ps(pg + i * 16, e);
+    for (int64_t s0 = 0; s0 < s16; s0 += 16) {
+      __m512 l = _mm512_loadu_ps(pg + s0);
+      __mmask16 keep = Prefix16(s_len - s0);
+      if (any) keep &= _mm512_cmp_ps_mask(l, _mm512_set1_ps(kMask), _CMP_NEQ_OQ);
+      __m512 e = _mm512_maskz_mov_ps(keep, Exp(_mm512_sub_ps(l, _mm512_set1_ps(top))));
+      _mm512_storeu_ps(pg + s0, e);
       total = _mm512_add_ps(total, e);
     }
     __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-    for (int64_t i = 0; i < sv; ++i) {
-      _mm512_storeu_ps(pg + i * 16, RoundBf16(_mm512_mul_ps(_mm512_loadu_ps(pg + i * 16), inv)));
+    uint16_t* pbg = pb + g * s32;
+    for (int64_t s0 = 0; s0 < s32; s0 += 16) {
+      __m512 e = s0 < s16 ? _mm512_loadu_ps(pg + s0) : _mm512_setzero_ps();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pbg + s0),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(e, inv)));
     }
-  }
-  for (int64_t h = 0; h < hd; ++h) {
-    for (int64_t g0 = 0; g0 < g_count; g0 += kMaxG) {
-      int64_t gn = g_count - g0 < kMaxG ? g_count - g0 : kMaxG;
-      BOND_DISPATCH_G(gn, PvRow, p + g0 * sv * 16, sv * 16, sv, v + h * s_len, s_len,
-                      out + g0 * hd + h, hd)
+    for (int64_t h0 = 0; h0 < hd; h0 += 16) {
+      int64_t count = hd - h0 < 16 ? hd - h0 : 16;
+      _mm512_mask_storeu_ps(out + g * hd + h0, Prefix16(count),
+                            Dot16(pbg, v + h0 * s_len, s_len, count, s_len));
     }
   }
 }
@@ -315,7 +298,7 @@ ffi::Error AttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
   const uint16_t* vp = v.typed_data();
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
-  int64_t scratch = g * ((hd + 15) / 16 + (s_len + 15) / 16) * 16;
+  int64_t scratch = g * ((s_len + 15) / 16 * 16 + (s_len + 31) / 32 * 16);   // floats
   RunParallel(pool, r * kh, [=](int64_t task) {
     int64_t row = task / kh, head = task % kh;
     std::vector<float> buf(scratch);
