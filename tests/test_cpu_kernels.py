@@ -45,6 +45,8 @@ def test_pack_rejects_unsupported_shapes(bad):
   assert not cpu_kernels.supports(*bad)
   with pytest.raises(ValueError, match="cannot pack"):
     cpu_kernels.pack(jnp.zeros(bad))
+  with pytest.raises(ValueError, match="cannot pack"):
+    cpu_kernels.pack_geglu(jnp.zeros((bad[0], 2, bad[1] // 2)))
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
@@ -61,6 +63,27 @@ def test_matmul_matches_float64(m, k, n):
   # Leading batch dims are kept.
   got3 = cpu_kernels.matmul(x.reshape(1, m, k), cpu_kernels.pack(w))
   np.testing.assert_array_equal(np.asarray(got3)[0], np.asarray(got))
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+@pytest.mark.parametrize("m,k,f", [(1, 64, 16), (8, 512, 2048), (13, 96, 48)])
+def test_geglu_matches_float64(m, k, f):
+  rng = np.random.default_rng(m + k + f)
+  x, w = _bf16(rng, (m, k)), _bf16(rng, (k, 2, f), 2.0 / np.sqrt(k))   # gate/up values ~ +-2
+  gu = np.einsum("mk,kcf->mcf", np.asarray(x, np.float64), np.asarray(w, np.float64))
+  gate, up = _bf16_round(gu[:, 0]), _bf16_round(gu[:, 1])
+  want = _bf16_round(_gelu_tanh(gate) * up)
+  got = np.asarray(cpu_kernels.geglu(x, cpu_kernels.pack_geglu(w)), np.float64)
+  assert got.shape == (m, f)
+  # Every rounding above is to bf16; the kernel's f32 sums and gelu (error ~1e-6) can only land
+  # on the other side of a bf16 rounding boundary by chance: nearly all entries are identical,
+  # and none is more than 2 bf16 ulps away. (The gelu with 0.05 for 0.044715 fails both.)
+  assert np.mean(got == want) > 0.98
+  np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
@@ -128,6 +151,7 @@ def test_packed_model_matches_the_einsum_model():
   packed = gemma.pack_weights(params)
   assert set(packed) == {f"layer_{i}" for i in range(config.num_layers)} | {"input_embedding"}
   assert set(packed["layer_0"]["attn"]) == {"q_einsum", "kv_einsum", "attn_vec_einsum"}
+  assert set(packed["layer_0"]["mlp"]) == {"gating_geglu", "linear"}
   tokens, mask = padded_batch()
   model = gemma.Gemma(config)
   plain = model.apply({"params": params}, tokens, attention_mask=mask)

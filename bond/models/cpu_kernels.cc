@@ -24,8 +24,43 @@ namespace {
 constexpr int64_t kCols = 32;   // output columns per block
 constexpr int kRows = 8;        // rows of x per register tile (2 * 8 accumulators)
 
-template <int R>
-inline void Tile(const uint16_t* x, int64_t k, const uint16_t* w, float* y, int64_t n) {
+// exp(x) to about 1e-6 relative (2^f by its Taylor series on |f| <= 1/2); 0 below -100.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Rounds f32 to bf16 (nearest even) and back, like XLA's convert.
+inline __m512 RoundBf16(__m512 x) {
+  __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// jax.nn.gelu(x, approximate=True) = x / 2 * (1 + tanh(z)), z = sqrt(2 / pi) (x + 0.044715 x^3),
+// computed as x / (1 + exp(-2 z)): the same function without the cancellation in 1 + tanh(z)
+// for negative x, where it would lose most of f32's digits.
+inline __m512 GeluTanh(__m512 x) {
+  __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  __m512 z = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f),          // -2 sqrt(2 / pi)
+                           _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), Exp(z)));
+}
+
+// Rows [0, R) of one block: y = x @ W as f32 (32 columns), or with kGeglu the GeGLU of the
+// block's 16 gate and 16 up columns as bf16 (16 columns of h, row stride n / 2).
+template <int R, bool kGeglu>
+inline void Tile(const uint16_t* x, int64_t k, const uint16_t* w, void* out, int64_t n) {
   __m512 a0[R], a1[R];
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   for (int64_t j = 0; j < k; j += 2, w += 2 * kCols) {
@@ -40,27 +75,37 @@ inline void Tile(const uint16_t* x, int64_t k, const uint16_t* w, float* y, int6
     }
   }
   for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(y + r * n, a0[r]);
-    _mm512_storeu_ps(y + r * n + 16, a1[r]);
+    if constexpr (kGeglu) {
+      // As gemma.MLP: gate and up rounded to bf16, gelu(gate) * up rounded to bf16.
+      __m512 h = _mm512_mul_ps(GeluTanh(RoundBf16(a0[r])), RoundBf16(a1[r]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + r * (n / 2)),
+                          (__m256i)_mm512_cvtneps_pbh(h));
+    } else {
+      float* y = static_cast<float*>(out);
+      _mm512_storeu_ps(y + r * n, a0[r]);
+      _mm512_storeu_ps(y + r * n + 16, a1[r]);
+    }
   }
 }
 
-// Output columns [32 b, 32 b + 32) for all m rows.
-void Block(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t k, int64_t n,
+// Output columns [32 b, 32 b + 32) for all m rows (with kGeglu: columns [16 b, 16 b + 16) of h).
+template <bool kGeglu>
+void Block(const uint16_t* x, const uint16_t* w, void* out, int64_t m, int64_t k, int64_t n,
            int64_t b) {
   const uint16_t* wb = w + b * k * kCols;
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     const uint16_t* xr = x + r0 * k;
-    float* yr = y + r0 * n + b * kCols;
+    void* o = kGeglu ? static_cast<void*>(static_cast<uint16_t*>(out) + r0 * (n / 2) + b * 16)
+                     : static_cast<void*>(static_cast<float*>(out) + r0 * n + b * kCols);
     switch (m - r0 >= kRows ? kRows : m - r0) {
-      case 8: Tile<8>(xr, k, wb, yr, n); break;
-      case 7: Tile<7>(xr, k, wb, yr, n); break;
-      case 6: Tile<6>(xr, k, wb, yr, n); break;
-      case 5: Tile<5>(xr, k, wb, yr, n); break;
-      case 4: Tile<4>(xr, k, wb, yr, n); break;
-      case 3: Tile<3>(xr, k, wb, yr, n); break;
-      case 2: Tile<2>(xr, k, wb, yr, n); break;
-      default: Tile<1>(xr, k, wb, yr, n); break;
+      case 8: Tile<8, kGeglu>(xr, k, wb, o, n); break;
+      case 7: Tile<7, kGeglu>(xr, k, wb, o, n); break;
+      case 6: Tile<6, kGeglu>(xr, k, wb, o, n); break;
+      case 5: Tile<5, kGeglu>(xr, k, wb, o, n); break;
+      case 4: Tile<4, kGeglu>(xr, k, wb, o, n); break;
+      case 3: Tile<3, kGeglu>(xr, k, wb, o, n); break;
+      case 2: Tile<2, kGeglu>(xr, k, wb, o, n); break;
+      default: Tile<1, kGeglu>(xr, k, wb, o, n); break;
     }
   }
 }
@@ -136,7 +181,25 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
   int64_t m = xd[0], k = xd[1], n = wd[0] * kCols;
-  RunParallel(pool, m > 0 ? wd[0] : 0, [=](int64_t b) { Block(xp, wp, yp, m, k, n, b); });
+  RunParallel(pool, m > 0 ? wd[0] : 0, [=](int64_t b) { Block<false>(xp, wp, yp, m, k, n, b); });
+  return ffi::Error::Success();
+}
+
+// h [M, F] (bf16) = gelu_tanh(x @ W_gate) * (x @ W_up), W packed so that block b holds gate
+// columns [16 b, 16 b + 16) then the same up columns (cpu_kernels.pack_geglu).
+ffi::Error GegluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                     ffi::ResultBuffer<ffi::BF16> h) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || wd[2] != kCols || wd[3] != 2 ||
+      xd[1] != 2 * wd[1]) {
+    return ffi::Error::InvalidArgument("bond_bf16_geglu: want x [M, K] and w [F/16, K/2, 32, 2]");
+  }
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  void* hp = h->typed_data();
+  int64_t m = xd[0], k = xd[1], n = wd[0] * kCols;
+  RunParallel(pool, m > 0 ? wd[0] : 0, [=](int64_t b) { Block<true>(xp, wp, hp, m, k, n, b); });
   return ffi::Error::Success();
 }
 
@@ -162,23 +225,6 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
 // the value product, as the XLA path (gemma.Attention) computes it.
 
 constexpr float kMask = -2.3819763e38f;   // gemma.K_MASK
-
-// exp(x) for x <= 0 to about 1e-6 relative (2^f by its Taylor series on |f| <= 1/2).
-inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // Element j = the sum of a[j]'s 16 lanes: a transpose-and-add tree, 15 adds and 31 shuffles
 // for 16 sums (one _mm512_reduce_add_ps costs about as much as 8 of them).
@@ -333,3 +379,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BondDecodeAttention, AttnImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Attr<float>("softcap")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Geglu, GegluImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());

@@ -2,9 +2,12 @@
 
 Decode multiplies a few rows (the batch) by every weight matrix, so a step is bound by how fast
 the weights stream from memory. XLA:CPU's dots reach about half the machine's bandwidth there
-(benchmarks/RESULTS.md). `cpu_kernels.cc` has three kernels:
+(benchmarks/RESULTS.md). `cpu_kernels.cc` has these kernels:
   * `matmul`: reads weights pre-packed by `pack` as one sequential stream, split over XLA's
     intra-op threads, and reaches the bandwidth;
+  * `geglu`: the same matmul for the MLP's fused gate/up weight (packed by `pack_geglu`), with
+    gelu(gate) * up computed on the accumulators: one op instead of a matmul and an XLA
+    elementwise pass that XLA:CPU runs in f32;
   * `pack`: the packing permutation, which XLA:CPU's transpose runs at ~2 GB/s;
   * `decode_attention`: one query token per row over the bf16 KV cache read in place as its
     uint16 bits. XLA:CPU materialises a bf16 copy of the cache for its attention dots and runs
@@ -39,6 +42,7 @@ Array = jax.Array
 TARGET = "bond_bf16_matmul"
 PACK_TARGET = "bond_bf16_pack"
 ATTENTION_TARGET = "bond_decode_attention"
+GEGLU_TARGET = "bond_bf16_geglu"
 COLS = 32            # output columns per packed block (cpu_kernels.cc: kCols)
 _SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -91,6 +95,7 @@ def _load() -> bool:
     jax.ffi.register_ffi_target(PACK_TARGET, jax.ffi.pycapsule(lib.BondBf16Pack), platform="cpu")
     jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.BondDecodeAttention),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(GEGLU_TARGET, jax.ffi.pycapsule(lib.BondBf16Geglu), platform="cpu")
   except Exception as e:  # noqa: BLE001 -- any failure means: use the plain XLA dots
     logging.warning("bond.models.cpu_kernels: kernel unavailable, using XLA dots: %s", e)
     return False
@@ -142,6 +147,33 @@ def matmul(x: Array, packed: Array) -> Array:
   _require()
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
   return call(x.reshape(rows, k).astype(jnp.bfloat16), packed).reshape(*lead, n)
+
+
+def pack_geglu(w: Array) -> Array:
+  """Gate/up weight [K, 2, F] -> packed [F/16, K/2, 32, 2] for `geglu`.
+
+  Block b holds gate columns [16 b, 16 b + 16) and then the same up columns, so one block
+  yields 16 columns of gelu(gate) * up.
+  """
+  k, two, f = w.shape
+  if two != 2 or f % 16 or not supports(k, 2 * f):
+    raise ValueError(f"cannot pack a [{k}, {two}, {f}] gate/up weight: need [K, 2, F], K even, "
+                     "F a multiple of 16")
+  return pack(w.reshape(k, 2, f // 16, 16).transpose(0, 2, 1, 3).reshape(k, 2 * f))
+
+
+def geglu(x: Array, packed: Array) -> Array:
+  """bf16 [..., F] = gelu_tanh(x @ W_gate) * (x @ W_up), as `gemma.MLP` rounds it, W from
+  `pack_geglu`: gate and up are rounded to bf16 first, the product once at the end."""
+  blocks, half_k = packed.shape[:2]
+  k, f = 2 * half_k, blocks * 16
+  if x.shape[-1] != k:
+    raise ValueError(f"x has {x.shape[-1]} features, the packed weight expects {k}")
+  _require()
+  lead = x.shape[:-1]
+  rows = int(np.prod(lead))
+  call = jax.ffi.ffi_call(GEGLU_TARGET, jax.ShapeDtypeStruct((rows, f), jnp.bfloat16))
+  return call(x.reshape(rows, k).astype(jnp.bfloat16), packed).reshape(*lead, f)
 
 
 def decode_attention(q: Array, k_bits: Array, v_bits: Array, mask: Array,

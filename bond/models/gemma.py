@@ -258,8 +258,11 @@ class MLP(nn.Module):
         _dense_init(), ("embed", None, "mlp")), (cfg.embed_dim, 2, cfg.hidden_dim), cfg.param_dtype)
     w_down = self.param("linear", nn.with_logical_partitioning(
         _dense_init(), ("mlp", "embed")), (cfg.hidden_dim, cfg.embed_dim), cfg.param_dtype)
-    gu = _project(self, "gating_einsum", "BTD,DCF->BTCF", x, w_gu, cfg.dtype)
-    hidden = jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]
+    if self.has_variable(PACKED, "gating_geglu"):
+      hidden = cpu_kernels.geglu(x, self.get_variable(PACKED, "gating_geglu")).astype(cfg.dtype)
+    else:
+      gu = _project(self, "gating_einsum", "BTD,DCF->BTCF", x, w_gu, cfg.dtype)
+      hidden = jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     return _project(self, "linear", "BTF,FD->BTD", hidden, w_down, cfg.dtype)
 
@@ -458,7 +461,8 @@ def pack_weights(params: Any) -> dict[str, Any]:
 
   Pass them next to the params, `apply({"params": p, PACKED: pack_weights(p)}, ...)`,
   and those matmuls run through the kernel. Weights whose shapes it cannot take are left out
-  (they keep their `einsum`). The tied embedding is packed transposed, [D, V], for the logits.
+  (they keep their `einsum`). The tied embedding is packed transposed, [D, V], for the logits;
+  the MLP's gate/up weight is packed as "gating_geglu" for the fused GeGLU kernel.
   Pack once, outside any decode loop: it is a full pass over the weights.
   """
   def packable(w, contract):
@@ -470,7 +474,11 @@ def pack_weights(params: Any) -> dict[str, Any]:
       continue
     for module, name, contract in _LAYER_MATMULS:
       w = layer_params[module][name]
-      if packable(w, contract):
+      if name == "gating_einsum" and w.shape[-1] % 16 == 0 and packable(w, contract):
+        # Gate/up with the GeGLU computed in the kernel (MLP reads "gating_geglu").
+        packed.setdefault(layer, {}).setdefault(module, {})["gating_geglu"] = (
+            cpu_kernels.pack_geglu(w))
+      elif packable(w, contract):
         packed.setdefault(layer, {}).setdefault(module, {})[name] = cpu_kernels.pack(w, contract)
   embedding_t = params["input_embedding"].T
   if packable(embedding_t, 1):
