@@ -169,38 +169,35 @@ void RunParallel(ffi::ThreadPool& pool, int64_t blocks, std::function<void(int64
   while (work->done.load(std::memory_order_acquire) < blocks) _mm_pause();
 }
 
-ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                ffi::ResultBuffer<ffi::F32> y) {
+// y = x @ W (f32 [M, N]) or, with kGeglu, h = GeGLU (bf16 [M, N / 2]); W packed [N/32, K/2, 32, 2].
+template <bool kGeglu>
+ffi::Error RunMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::BF16>& x,
+                     const ffi::Buffer<ffi::BF16>& w, void* out) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 4 || wd[2] != kCols || wd[3] != 2 ||
       xd[1] != 2 * wd[1]) {
-    return ffi::Error::InvalidArgument("bond_bf16_matmul: want x [M, K] and w [N/32, K/2, 32, 2]");
+    return ffi::Error::InvalidArgument(
+        "bond matmul: want x [M, K] and a packed w [blocks, K/2, 32, 2]");
   }
   const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-  float* yp = y->typed_data();
   int64_t m = xd[0], k = xd[1], n = wd[0] * kCols;
-  RunParallel(pool, m > 0 ? wd[0] : 0, [=](int64_t b) { Block<false>(xp, wp, yp, m, k, n, b); });
+  RunParallel(pool, m > 0 ? wd[0] : 0,
+              [=](int64_t b) { Block<kGeglu>(xp, wp, out, m, k, n, b); });
   return ffi::Error::Success();
+}
+
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                ffi::ResultBuffer<ffi::F32> y) {
+  return RunMatmul<false>(pool, x, w, y->typed_data());
 }
 
 // h [M, F] (bf16) = gelu_tanh(x @ W_gate) * (x @ W_up), W packed so that block b holds gate
 // columns [16 b, 16 b + 16) then the same up columns (cpu_kernels.pack_geglu).
 ffi::Error GegluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                      ffi::ResultBuffer<ffi::BF16> h) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 4 || wd[2] != kCols || wd[3] != 2 ||
-      xd[1] != 2 * wd[1]) {
-    return ffi::Error::InvalidArgument("bond_bf16_geglu: want x [M, K] and w [F/16, K/2, 32, 2]");
-  }
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-  void* hp = h->typed_data();
-  int64_t m = xd[0], k = xd[1], n = wd[0] * kCols;
-  RunParallel(pool, m > 0 ? wd[0] : 0, [=](int64_t b) { Block<true>(xp, wp, hp, m, k, n, b); });
-  return ffi::Error::Success();
+  return RunMatmul<true>(pool, x, w, h->typed_data());
 }
 
 ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
