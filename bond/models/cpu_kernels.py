@@ -136,17 +136,22 @@ def pack(w: Array, contract: int = 1) -> Array:
   return w.reshape(k // 2, 2, n // COLS, COLS).transpose(2, 0, 3, 1)
 
 
-def matmul(x: Array, packed: Array) -> Array:
-  """x [..., K] @ W -> f32 [..., N], W given packed by `pack`; x is cast to bf16."""
+def _call_packed(target: str, x: Array, packed: Array, cols_per_block: int, dtype) -> Array:
+  """x [..., K] times a packed weight through `target` -> [..., blocks * cols_per_block]."""
   blocks, half_k = packed.shape[:2]
-  k, n = 2 * half_k, blocks * COLS
+  k, n = 2 * half_k, blocks * cols_per_block
   if x.shape[-1] != k:
     raise ValueError(f"x has {x.shape[-1]} features, the packed weight expects {k}")
+  _require()
   lead = x.shape[:-1]
   rows = int(np.prod(lead))
-  _require()
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), dtype))
   return call(x.reshape(rows, k).astype(jnp.bfloat16), packed).reshape(*lead, n)
+
+
+def matmul(x: Array, packed: Array) -> Array:
+  """x [..., K] @ W -> f32 [..., N], W given packed by `pack`; x is cast to bf16."""
+  return _call_packed(TARGET, x, packed, COLS, jnp.float32)
 
 
 def pack_geglu(w: Array) -> Array:
@@ -165,15 +170,7 @@ def pack_geglu(w: Array) -> Array:
 def geglu(x: Array, packed: Array) -> Array:
   """bf16 [..., F] = gelu_tanh(x @ W_gate) * (x @ W_up), as `gemma.MLP` rounds it, W from
   `pack_geglu`: gate and up are rounded to bf16 first, the product once at the end."""
-  blocks, half_k = packed.shape[:2]
-  k, f = 2 * half_k, blocks * 16
-  if x.shape[-1] != k:
-    raise ValueError(f"x has {x.shape[-1]} features, the packed weight expects {k}")
-  _require()
-  lead = x.shape[:-1]
-  rows = int(np.prod(lead))
-  call = jax.ffi.ffi_call(GEGLU_TARGET, jax.ShapeDtypeStruct((rows, f), jnp.bfloat16))
-  return call(x.reshape(rows, k).astype(jnp.bfloat16), packed).reshape(*lead, f)
+  return _call_packed(GEGLU_TARGET, x, packed, COLS // 2, jnp.bfloat16)
 
 
 def decode_attention(q: Array, k_bits: Array, v_bits: Array, mask: Array,
