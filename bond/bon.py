@@ -79,6 +79,16 @@ def reward_cdf(ref_log_probs, rewards, query) -> Array:
                  axis=-1)
 
 
+def _log_tie_factor(d: Array, n) -> Array:
+  """log Σ_{i=1..n} ρ^(i−1) = log[(1 − ρ^n)/(1 − ρ)] for ρ = e^{−d}, d = log p≤ − log p< ≥ 0.
+
+  d → 0 (a reward level without mass: no ties) gives log n; d = +inf (p< = 0) gives 0.
+  """
+  tiny = d <= 0
+  safe_d = jnp.where(tiny, 1.0, d)
+  return jnp.where(tiny, jnp.log(n), _log1mexp(n * safe_d) - _log1mexp(safe_d))
+
+
 def bon_log_probs(ref_log_probs, rewards, n) -> Array:
   """log π_BoN(y) [..., M], exact with ties (BOND Thm 1), for real n ≥ 1.
 
@@ -95,10 +105,7 @@ def bon_log_probs(ref_log_probs, rewards, n) -> Array:
   n = jnp.asarray(n, logp.dtype)
   n = n[..., None] if n.ndim else n
   d = jax.nn.softplus(level - below)                 # +inf on the lowest level (p< = 0)
-  tiny = d <= 0
-  safe_d = jnp.where(tiny, 1.0, d)
-  log_factor = jnp.where(tiny, jnp.log(n), _log1mexp(n * safe_d) - _log1mexp(safe_d))
-  out = logp + (n - 1) * log_leq + log_factor
+  out = logp + (n - 1) * log_leq + _log_tie_factor(d, n)
   return jnp.where(jnp.isneginf(logp), -jnp.inf, out)
 
 
@@ -131,6 +138,40 @@ def kl_bound(n) -> Array:
   """log n − (n − 1)/n: KL(π_BoN ‖ π_ref) for continuous rewards, an upper bound with ties."""
   n = as_float(n)
   return jnp.log(n) - (n - 1) / n
+
+
+def bond_reward(p_less, p_less_equal, n) -> Array:
+  """The BOND reward, exact with ties (BOND Eq. 8, algorithms.md §1), elementwise:
+
+    r_BOND(y) = log p≤(y) + (1/(N−1))·log Σ_{i=1..N} (p<(y)/p≤(y))^(i−1),
+
+  so that log π_BoN(y) − log π_ref(y) = (N−1)·r_BOND(y) + const exactly, ties included. The
+  correction lies in [0, log N/(N−1)]: log N/(N−1) when y's reward level has no mass (p< = p≤,
+  the no-ties case) and 0 on the lowest level (p< = 0). Inputs are probabilities with
+  0 ≤ p_less ≤ p_less_equal ≤ 1 (e.g. from `quantile_estimates`; p< exceeding p≤ or p≤ exceeding
+  1 by float round-off, as from exact log-quantiles, is accepted and read as p< = p≤). p≤ = 0
+  (smoothing='none' when y loses to every reference) gives −inf, like log p̂≤. For N = 1
+  (π_BoN = π_ref) the correction is taken as 0: r_BOND = log p≤, which the loss scales by N−1 = 0.
+  n: a scalar (or an array broadcasting against the probabilities), n ≥ 1.
+  """
+  p_lt, p_le = as_float(p_less), as_float(p_less_equal)
+  p_lt, p_le = jnp.broadcast_arrays(p_lt, p_le)
+  if _is_concrete(p_lt, p_le, n):
+    if not np.all(np.asarray(n, np.float64) >= 1):        # NaN fails too
+      raise ValueError(f"bond_reward: n must be >= 1, got {n}")
+    lt, le = np.asarray(p_lt, np.float64), np.asarray(p_le, np.float64)
+    slack = 64 * float(jnp.finfo(p_le.dtype).eps)         # round-off only, never a real error
+    ok = (lt >= 0) & (le <= 1 + slack) & (lt <= le * (1 + slack))   # False on NaN
+    if not np.all(ok):
+      raise ValueError("bond_reward: need 0 <= p_less <= p_less_equal <= 1 (no NaN), got "
+                       f"p_less={lt[~ok][:3]}, p_less_equal={le[~ok][:3]}")
+  n = jnp.asarray(n, p_le.dtype)
+  log_le = jnp.log(p_le)
+  # d = log(p≤/p<) ≥ 0; +inf where p< = 0 (then the correction is 0; also for p≤ = 0, where
+  # log p≤ − log p< would be NaN).
+  d = jnp.where(p_lt > 0, log_le - jnp.log(jnp.where(p_lt > 0, p_lt, 1.0)), jnp.inf)
+  correction = jnp.where(n > 1, _log_tie_factor(d, n) / jnp.maximum(n - 1, 1e-30), 0.0)
+  return log_le + correction
 
 
 def win_rate(ref_log_probs, rewards, n) -> Array:
@@ -177,13 +218,17 @@ def beta_star(n: int) -> float:
   return 1.0 / (2.0 * (n - 1) * harmonic)
 
 
-def quantile_estimate(rewards, ref_rewards, ref_mask=None, smoothing: str = "clip") -> Array:
-  """p̂≤ [B, S]: fraction of the k reference rewards [B, k] at or below each reward [B, S] (§2).
+def quantile_estimates(rewards, ref_rewards, ref_mask=None, smoothing: str = "clip"
+                       ) -> tuple[Array, Array]:
+  """(p̂<, p̂≤) [B, S] from the k reference rewards [B, k] of each prompt (algorithms.md §2).
 
-    p̂≤(y) = (1/k) Σ_j 1[r(y'_j) ≤ r(y)]    (smoothing='none': unbiased for p≤(y))
-    'clip':    max(p̂≤, 1/(k+1))            (so log p̂≤ is finite; equals p̂≤ unless p̂≤ = 0)
-    'add_one': (1 + Σ_j 1[·]) / (k + 1)
-  k counts the unmasked references of each prompt (ref_mask [B, k], default all).
+    p̂≤(y) = (1/k) Σ_j 1[r(y'_j) ≤ r(y)],  p̂<(y) = (1/k) Σ_j 1[r(y'_j) < r(y)]
+                                   (smoothing='none': both unbiased for p≤(y), p<(y))
+    'clip':    p̂≤ ← max(p̂≤, 1/(k+1)), p̂< unchanged (log p̂≤ finite; equals p̂≤ unless p̂≤ = 0)
+    'add_one': p̂≤ = (1 + #≤)/(k+1), p̂< = #</(k+1): y itself joins the references (≤ itself,
+               not < itself), so 0 ≤ p̂< < p̂≤ always.
+  k counts the unmasked references of each prompt (ref_mask [B, k], default all). Always
+  p̂< ≤ p̂≤. Plugging these into the nonlinear `bond_reward` biases it at small k (O(1/k)).
   """
   if smoothing not in SMOOTHINGS:
     raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
@@ -200,12 +245,20 @@ def quantile_estimate(rewards, ref_rewards, ref_mask=None, smoothing: str = "cli
   k = jnp.sum(ref_mask, axis=-1, keepdims=True).astype(rewards.dtype)            # [B, 1]
   if _is_concrete(k) and np.any(np.asarray(k) < 1):
     raise ValueError("quantile_estimate: every prompt needs k >= 1 unmasked reference rewards")
-  at_or_below = (ref_rewards[:, None, :] <= rewards[:, :, None]) & ref_mask[:, None, :]
-  count = jnp.sum(at_or_below, axis=-1).astype(rewards.dtype)                       # [B, S]
+  count = lambda cmp: jnp.sum(cmp(ref_rewards[:, None, :], rewards[:, :, None])  # noqa: E731
+                              & ref_mask[:, None, :], axis=-1).astype(rewards.dtype)   # [B, S]
+  at_or_below, below = count(jnp.less_equal), count(jnp.less)
   if smoothing == "add_one":
-    return (1.0 + count) / (k + 1.0)
-  p_hat = count / jnp.maximum(k, 1.0)
-  return jnp.maximum(p_hat, 1.0 / (k + 1.0)) if smoothing == "clip" else p_hat
+    return below / (k + 1.0), (1.0 + at_or_below) / (k + 1.0)
+  p_le, p_lt = at_or_below / jnp.maximum(k, 1.0), below / jnp.maximum(k, 1.0)
+  if smoothing == "clip":
+    p_le = jnp.maximum(p_le, 1.0 / (k + 1.0))
+  return p_lt, p_le
+
+
+def quantile_estimate(rewards, ref_rewards, ref_mask=None, smoothing: str = "clip") -> Array:
+  """p̂≤ [B, S] alone (see `quantile_estimates`)."""
+  return quantile_estimates(rewards, ref_rewards, ref_mask, smoothing)[1]
 
 
 def log_quantile_estimate(rewards, ref_rewards, ref_mask=None, smoothing: str = "clip") -> Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 from typing import Sequence
 
 import numpy as np
@@ -120,18 +121,40 @@ def prompt_table(texts: Sequence[str], tokenizer, max_prompt_len: int,
   return Table({"prompt_tokens": tokens, "prompt_mask": mask}, dict(counters))
 
 
+class Records(list):
+  """JSONL records (dicts) that remember where each came from, so errors name `file:line`."""
+
+  def __init__(self, records: Sequence[dict], path: str, lines: Sequence[int]):
+    super().__init__(records)
+    self.path, self.lines = path, list(lines)
+
+  def where(self, i: int) -> str:
+    return f"{self.path}:{self.lines[i]}"
+
+
+def _where(records: Sequence[dict], i: int) -> str:
+  return records.where(i) if isinstance(records, Records) else f"record {i}"
+
+
 def pairs_table(records: Sequence[dict], tokenizer, max_prompt_len: int,
                 max_completion_len: int) -> Table:
   """Preference pairs {prompt, chosen, rejected} (BoN data also accepts best/worst)."""
   counters = collections.Counter(examples=len(records))
-  get = lambda r, a, b: r[a] if a in r else r[b]  # noqa: E731
-  try:
-    prompts = [r["prompt"] for r in records]
-    chosen = [get(r, "chosen", "best") for r in records]
-    rejected = [get(r, "rejected", "worst") for r in records]
-  except KeyError as e:
-    raise ValueError(f"preference records need 'prompt', 'chosen'/'best' and 'rejected'/'worst' "
-                     f"fields; missing {e}") from None
+  prompts, chosen, rejected = [], [], []
+  for i, r in enumerate(records):
+    fields = []
+    for names in (("prompt",), ("chosen", "best"), ("rejected", "worst")):
+      name = next((n for n in names if n in r), None)
+      if name is None:
+        raise ValueError(f"{_where(records, i)}: preference records need 'prompt', "
+                         "'chosen'/'best' and 'rejected'/'worst' fields; missing "
+                         f"{'/'.join(repr(n) for n in names)}")
+      if not isinstance(r[name], str):
+        raise ValueError(f"{_where(records, i)}: field {name!r} must be a string, got "
+                         f"{type(r[name]).__name__}")
+      fields.append(r[name])
+    for column, text in zip((prompts, chosen, rejected), fields):
+      column.append(text)
   cols = {}
   cols["prompt_tokens"], cols["prompt_mask"] = _encode(
       tokenizer, prompts, max_prompt_len, True, counters, "prompt", left=True)
@@ -141,25 +164,36 @@ def pairs_table(records: Sequence[dict], tokenizer, max_prompt_len: int,
   return Table(cols, dict(counters))
 
 
-def read_jsonl(path: str) -> list[dict]:
-  records = []
+def read_jsonl(path: str) -> Records:
+  """The JSON objects of a JSONL file (blank lines skipped); errors name `path:line`."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such data file {path!r}")
+  records, lines = [], []
   with open(path) as f:
     for line_no, line in enumerate(f, 1):
       if line.strip():
         try:
-          records.append(json.loads(line))
+          record = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+          raise ValueError(f"{path}:{line_no}: expected a JSON object, got "
+                           f"{type(record).__name__}")
+        records.append(record)
+        lines.append(line_no)
   if not records:
     raise ValueError(f"{path} holds no records")
-  return records
+  return Records(records, path, lines)
 
 
 def jsonl_prompts(path: str, key: str = "prompt") -> list[str]:
   records = read_jsonl(path)
-  missing = [i for i, r in enumerate(records) if key not in r]
-  if missing:
-    raise ValueError(f"{path}: records {missing[:5]} have no field {key!r} (data.prompt_key)")
+  for i, r in enumerate(records):
+    if key not in r:
+      raise ValueError(f"{records.where(i)}: no field {key!r} (data.prompt_key)")
+    if not isinstance(r[key], str):
+      raise ValueError(f"{records.where(i)}: field {key!r} must be a string, got "
+                       f"{type(r[key]).__name__}")
   return [r[key] for r in records]
 
 

@@ -17,12 +17,16 @@ sample never depends on that sample, so it leaves the expected gradient unchange
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import chex
 import jax
 import jax.numpy as jnp
+
+from bond import bon
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -283,53 +287,121 @@ def reward_model_loss(reward_w: Array, reward_l: Array, mask: Array | None = Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Hyper-parameter validation and the registry.
+# The registry: one entry per algorithm, `config.bond.objective` names it.
+#
+# An entry says which samples its rollout draws (`rollout.make_rollout_fn` reads it) and which
+# loss consumes the rollout. A loss is `loss(params, rollout, hp, logp) -> (loss, metrics)`:
+# `hp` is `config.bond`, `logp(params, samples) -> [B, N]` the differentiable sequence log-probs
+# of `samples` ([B, N, T], a `rollout.Samples`) under params; everything else it reads from the
+# rollout, computed there without gradients. Adding an algorithm = one loss + one entry.
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-# key -> (check, allowed range as written in the error).
-_HPARAM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "beta": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),            # Jeffreys / J-BOND mix
-    "eta": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),             # anchor EMA
-    "alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),           # BoNBoN SFT weight
-    "gamma": (lambda v: v >= 0.0, ">= 0"),                       # J-BOND KL-to-anchor weight
-    "beta_rl": (lambda v: v >= 0.0, ">= 0"),
-    "beta_ipo": (lambda v: v > 0.0, "> 0"),                      # DPO/IPO/BoNBoN β
-    "jbond_penalty": (lambda v: v >= 0.0, ">= 0"),
-    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),   # Best-of-N
-    "k": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),   # quantile samples
-    "swap_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-}
+def _pass(params, logp, *samples) -> list[Array]:
+  """Sequence log-probs of several [B, N_i, T] sample sets in ONE teacher-forced pass."""
+  joined = samples[0]
+  for s in samples[1:]:
+    joined = joined.concat(s)
+  lp = logp(params, joined)
+  sizes = [s.tokens.shape[1] for s in samples]
+  return jnp.split(lp, list(itertools.accumulate(sizes))[:-1], axis=1)
 
 
-def validate_hparams(hparams: Mapping[str, Any], section: str = "bond") -> None:
-  """Raises ValueError naming the key for an out-of-range hyper-parameter, e.g.
-  "bond.beta must be in [0, 1], got 1.5". Keys without a rule are ignored.
+def _best(samples, n: int):
+  """The best of the first n samples of each prompt (first maximiser), [B, 1, ...]."""
+  best, _ = bon.select_best_worst(samples.rewards[:, :n])
+  return samples.take(best)
+
+
+def bond_reward_estimate(rollout, hp) -> Array:
+  """[B, S] BOND reward of the policy samples from the first k anchor samples (algorithms.md §2).
+
+  hp.bond_reward: 'log_quantile' = log p̂≤ (the paper's practical choice, biased under ties);
+  'exact_ties' = BOND Eq. 8 from p̂< and p̂≤ (`bon.bond_reward`). Smoothing: hp.quantile_smoothing.
   """
-  for key, (check, allowed) in _HPARAM_RULES.items():
-    if key in hparams and not check(hparams[key]):
-      raise ValueError(f"{section}.{key} must be {allowed}, got {hparams[key]!r}")
+  p_lt, p_le = bon.quantile_estimates(rollout.policy.rewards, rollout.anchor.rewards[:, :hp.k],
+                                      smoothing=hp.quantile_smoothing)
+  if hp.get("bond_reward", "log_quantile") == "exact_ties":
+    return bon.bond_reward(p_lt, p_le, hp.n)
+  return jnp.log(p_le)
 
 
-# Names are the values of `config.bond.objective`.
-OBJECTIVES: dict[str, Callable[..., tuple[Array, Metrics]]] = {
-    "bond_fwd": forward_kl_loss,
-    "bond_bwd": backward_kl_loss,
-    "bond_jeffreys": jeffreys_loss,
-    "jbond": jbond_loss,
-    "bonbon": bonbon_loss,
-    "sft": sft_loss,
-    "dpo": dpo_loss,
-    "ipo": ipo_loss,
-    "reinforce": reinforce_loss,
-    "reward_model": reward_model_loss,
+def _bond_forward(params, rollout, hp, logp):
+  (lp_best,) = _pass(params, logp, _best(rollout.anchor, hp.n))
+  return forward_kl_loss(lp_best[:, 0])
+
+
+def _bond_backward(params, rollout, hp, logp):
+  (lp,) = _pass(params, logp, rollout.policy)
+  return backward_kl_loss(lp, rollout.policy.anchor_logp, bond_reward_estimate(rollout, hp), hp.n)
+
+
+def _bond_jeffreys(params, rollout, hp, logp):
+  lp_best, lp = _pass(params, logp, _best(rollout.anchor, hp.n), rollout.policy)
+  return jeffreys_loss(lp_best[:, 0], lp, rollout.policy.anchor_logp,
+                       bond_reward_estimate(rollout, hp), n=hp.n, beta=hp.beta)
+
+
+def _jbond(params, rollout, hp, logp):
+  anchor, policy = rollout.anchor, rollout.policy
+  lp_best, lp_y = _pass(params, logp, _best(anchor, 2), policy)
+  # r_J = 0 when y is not worse than at least one anchor sample (p̂≤ > 0 from the 2 samples).
+  beats = policy.rewards[:, 0] >= jnp.min(anchor.rewards, axis=1)
+  return jbond_loss(lp_best[:, 0], lp_y[:, 0], policy.anchor_logp[:, 0], beats, beta=hp.beta,
+                    gamma=hp.gamma, penalty=hp.jbond_penalty)
+
+
+def _reinforce(params, rollout, hp, logp):
+  (lp,) = _pass(params, logp, rollout.policy)
+  return reinforce_loss(lp, rollout.policy.ref_logp, rollout.policy.rewards, beta_rl=hp.beta_rl)
+
+
+def _sft(params, rollout, hp, logp):
+  del hp
+  (lp,) = _pass(params, logp, rollout.chosen)
+  return sft_loss(lp[:, 0])
+
+
+def _preference(fn):
+  """DPO/IPO/BoNBoN on (chosen, rejected) pairs against π_ref's log-probs from the rollout."""
+  def loss(params, rollout, hp, logp):
+    w, l = rollout.chosen, rollout.rejected
+    lp_w, lp_l = _pass(params, logp, w, l)
+    return fn(lp_w[:, 0], lp_l[:, 0], w.ref_logp[:, 0], l.ref_logp[:, 0], hp)
+  return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """A registered algorithm: the samples its rollout draws and the loss that consumes them."""
+
+  loss: Callable[..., tuple[Array, Metrics]]
+  policy_samples: Callable[[Any], int] = lambda hp: 0   # S samples of π_θ per prompt
+  anchor_samples: Callable[[Any], int] = lambda hp: 0   # samples of π_anchor per prompt
+  policy_anchor_logp: bool = False   # the loss reads log π_anchor on the policy samples
+  offline: bool = False              # chosen/rejected pairs from the batch, no sampling
+
+
+_S = lambda hp: hp.num_policy_samples  # noqa: E731
+
+OBJECTIVES: dict[str, Algorithm] = {
+    # Forward-KL BOND needs only Best-of-N anchor samples; its S policy samples feed the metrics.
+    "bond_fwd": Algorithm(_bond_forward, _S, lambda hp: hp.n),
+    "bond_bwd": Algorithm(_bond_backward, _S, lambda hp: hp.k, policy_anchor_logp=True),
+    "bond_jeffreys": Algorithm(_bond_jeffreys, _S, lambda hp: max(hp.n, hp.k),
+                               policy_anchor_logp=True),
+    "jbond": Algorithm(_jbond, lambda hp: 1, lambda hp: 2, policy_anchor_logp=True),
+    "reinforce": Algorithm(_reinforce, _S),
+    "sft": Algorithm(_sft, offline=True),
+    "dpo": Algorithm(_preference(lambda w, l, rw, rl, hp: dpo_loss(w, l, rw, rl, beta=hp.beta_ipo)),
+                     offline=True),
+    "ipo": Algorithm(_preference(lambda w, l, rw, rl, hp: ipo_loss(w, l, rw, rl, beta=hp.beta_ipo)),
+                     offline=True),
+    "bonbon": Algorithm(_preference(lambda w, l, rw, rl, hp: bonbon_loss(
+        w, l, rw, rl, alpha=hp.alpha, beta=hp.beta_ipo)), offline=True),
 }
 
 
-def get_objective(name: str) -> Callable[..., tuple[Array, Metrics]]:
-  """The objective registered as `name` (a value of `config.bond.objective`)."""
+def get_objective(name: str) -> Algorithm:
+  """The algorithm registered as `name` (a value of `config.bond.objective`)."""
   if name not in OBJECTIVES:
     known = ", ".join(sorted(OBJECTIVES))
     raise ValueError(f"unknown objective {name!r}; known objectives: {known}")

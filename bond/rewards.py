@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bond import objectives
 from bond import tokenizer as tokenizer_lib
 from bond.models import convert, gemma
 
@@ -71,11 +72,6 @@ def model_reward_fn(config: gemma.GemmaConfig, params) -> RewardFn:
   return lambda *batch: score(config, params, *batch)
 
 
-def bradley_terry_loss(r_chosen: Array, r_rejected: Array) -> Array:
-  """−log σ(r_w − r_l), averaged over pairs (algorithms.md §7, Bradley–Terry RM)."""
-  return jnp.mean(jax.nn.softplus(-(r_chosen - r_rejected)))
-
-
 def pairwise_accuracy(r_chosen: Array, r_rejected: Array) -> Array:
   """P[r_w > r_l] + ½ P[r_w = r_l] over pairs."""
   diff = jnp.asarray(r_chosen, jnp.float32) - jnp.asarray(r_rejected, jnp.float32)
@@ -112,7 +108,7 @@ def train_reward_model(config: gemma.GemmaConfig, params, pairs: dict[str, np.nd
     idx = jax.random.choice(key, num, (batch_size,), replace=False)
     batch = {k: v[idx] for k, v in data.items()}
     loss, grads = jax.value_and_grad(
-        lambda p: bradley_terry_loss(*pair_rewards(config, p, batch)))(params)
+        lambda p: objectives.reward_model_loss(*pair_rewards(config, p, batch))[0])(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 

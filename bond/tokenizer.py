@@ -205,6 +205,9 @@ def _gguf_sentencepiece_proto(path: str) -> bytes:
 
 def load(path: str) -> Tokenizer:
   """Tokenizer for `path`: `.gguf`, SentencePiece `.model`, `tokenizer.json` or an HF directory."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no tokenizer at {path!r}: expected a .gguf file, a SentencePiece "
+                            ".model, a tokenizer.json or an HF tokenizer directory")
   if path.endswith(".gguf"):
     return Tokenizer.from_gguf(path)
   if path.endswith(".model"):

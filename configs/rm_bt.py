@@ -22,6 +22,7 @@ def get_config():
   c.reward.kind = "length"          # unused by train_rm; declared so the config validates
   c.sampling.max_new_tokens = 256   # completion length of the pairs
   c.bond.objective = "sft"          # unused by train_rm
+  c.bond.anchor = "fixed"
   c.optim.lr = 1e-5
   c.train.num_steps = 2000
   c.train.log_every = 50

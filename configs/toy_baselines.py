@@ -21,6 +21,7 @@ def get_config(arg=None):
     raise ValueError(f"configs/toy_baselines.py needs a variant, one of {list(VARIANTS)}, "
                      f"got {arg!r} (e.g. --config=configs/toy_baselines.py:dpo)")
   c = default.get_config()
+  c.bond.anchor = "fixed"          # every baseline is measured against π_ref
   if arg.startswith("reinforce_"):
     c.bond.objective = "reinforce"
     c.bond.beta_rl = float(arg.removeprefix("reinforce_"))

@@ -12,6 +12,7 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.bond.objective = "bonbon"
+  c.bond.anchor = "fixed"
   c.bond.n = 8
   c.bond.alpha = 0.005
   c.bond.beta_ipo = 0.0275482094

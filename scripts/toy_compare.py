@@ -10,6 +10,9 @@ files (one workdir per run under OUT/runs/), every metric exact (enumerated) on 
              β_RL ∈ {0.001, 0.01, 0.1, 1} (toy_baselines.py); BOND §5 / Fig. 4.
   length     (toy_bonbon.py's task: reward bonus per token, eos so lengths vary) BoNBoN, DPO, IPO
              on the same best/worst-of-8 pairs of π_ref, β = β*_8; BoNBoN Fig. 1.
+  ties       (default task: rewards on 5 integer levels, so they tie) backward-KL and Jeffreys
+             BOND against Best-of-4 of π_ref with the log-quantile reward vs the tie-exact BOND
+             reward (`bond.bond_reward`), same seeds and steps; distance to π_BoN(4) itself.
 
 Writes OUT/results.csv (every evaluation of every run), OUT/results.md (tables), OUT/bon_curve.md
 (the exact Best-of-N points of each task) and the PNGs reward_vs_kl.png, distance_to_bon.png,
@@ -35,7 +38,8 @@ from bond import evaluate, toy, train  # noqa: E402
 from configs import toy_baselines, toy_bond, toy_bonbon, toy_iterative, toy_jbond  # noqa: E402
 
 BON_NS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-MATCHED_KL = {"frontier": (0.1, 0.2, 0.35, 0.75), "length": (0.1, 0.3, 0.6)}
+MATCHED_KL = {"frontier": (0.1, 0.2, 0.35, 0.75), "length": (0.1, 0.3, 0.6),
+              "ties": (0.1, 0.2, 0.3)}
 COLUMNS = ("run", "group", "step", "exact/kl_to_ref", "exact/reward", "exact/win_rate",
            "exact/effective_n", "exact/fwd_kl_to_bon", "exact/bwd_kl_to_bon",
            "exact/reward_gap_to_bon", "exact/mean_length", "exact/log_quantile",
@@ -53,6 +57,14 @@ def _length_task(config):
   return config
 
 
+def _tie_run(variant: str, reward: str):
+  """toy_bond.py:VARIANT with bond.bond_reward = reward, trained 2x longer (closer to π_BoN(4))."""
+  config = toy_bond.get_config(variant)
+  config.bond.bond_reward = reward
+  config.train.num_steps = 360
+  return config
+
+
 # name -> (group, config factory). Offline runs all read the same pairs: same task, n, seed.
 RUNS = {
     "jbond": ("frontier", toy_jbond.get_config),
@@ -60,6 +72,8 @@ RUNS = {
     "iterative_bond_n2": ("frontier", toy_iterative.get_config),
     **{f"reinforce_{b}": ("frontier", lambda b=b: toy_baselines.get_config(f"reinforce_{b}"))
        for b in toy_baselines.REINFORCE_BETAS},
+    **{f"bond_{v}_n4_{reward}": ("ties", lambda v=v, reward=reward: _tie_run(v, reward))
+       for v in ("bwd", "jeffreys") for reward in ("log_quantile", "exact_ties")},
     "bonbon": ("length", toy_bonbon.get_config),
     "dpo": ("length", lambda: _length_task(toy_baselines.get_config("dpo"))),
     "ipo": ("length", lambda: _length_task(toy_baselines.get_config("ipo"))),
@@ -162,8 +176,10 @@ def write_tables(out: str, results: dict[str, list[dict]], curves: dict[str, dic
   length_keys = ("run", "step", "exact/kl_to_ref", "exact/reward", "exact/win_rate",
                  "exact/mean_length", "exact/effective_n", "exact/fwd_kl_to_bon",
                  "exact/bwd_kl_to_bon", "exact/fwd_kl_to_bon_n", "exact/bwd_kl_to_bon_n")
+  ties_keys = ("run", "step", "exact/kl_to_ref", "exact/reward", "exact/win_rate",
+               "exact/fwd_kl_to_bon_n", "exact/bwd_kl_to_bon_n", "exact/effective_n")
   parts = []
-  for group, keys in (("frontier", frontier_keys), ("length", length_keys)):
+  for group, keys in (("frontier", frontier_keys), ("length", length_keys), ("ties", ties_keys)):
     names = [n for n in results if RUNS[n][0] == group]
     if not names:
       continue

@@ -214,7 +214,7 @@ def test_unknown_config_key_on_the_command_line_is_a_clean_flag_error(args, tmp_
   proc = _run(*args, f"--workdir={tmp_path}", timeout=120)
   assert proc.returncode == 1
   assert "FATAL Flags parsing error: unknown config key" in proc.stderr
-  assert args[-1].split("=")[0] in proc.stderr and "configs/default.py" in proc.stderr
+  assert args[-1].split("=")[0] in proc.stderr and "bond/defaults.py" in proc.stderr
   assert "Traceback" not in proc.stderr
 
 

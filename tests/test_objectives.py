@@ -302,35 +302,25 @@ def test_rloo_baseline_keeps_the_expected_gradient_and_cuts_variance():
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation and registry.
-
-@pytest.mark.parametrize("key,value,message", [
-    ("beta", 1.5, "bond.beta must be in [0, 1], got 1.5"),
-    ("eta", -0.1, "bond.eta must be in [0, 1], got -0.1"),
-    ("gamma", -1.0, "bond.gamma must be >= 0, got -1.0"),
-    ("n", 0, "bond.n must be an integer >= 1, got 0"),
-    ("n", 2.5, "bond.n must be an integer >= 1, got 2.5"),
-    ("alpha", 2.0, "bond.alpha must be in [0, 1], got 2.0"),
-    ("beta_ipo", 0.0, "bond.beta_ipo must be > 0, got 0.0"),
-])
-def test_validate_hparams_names_the_key(key, value, message):
-  good = ml_collections.ConfigDict(dict(beta=0.5, eta=0.02, gamma=0.0, n=4, alpha=0.005,
-                                        beta_ipo=0.0275, objective="jbond"))
-  objectives.validate_hparams(good)
-  bad = good.to_dict()
-  bad[key] = value
-  with pytest.raises(ValueError) as e:
-    objectives.validate_hparams(bad)
-  assert str(e.value) == message
-
+# The registry.
 
 def test_registry():
-  assert objectives.get_objective("jbond") is objectives.jbond_loss
-  assert objectives.get_objective("bond_fwd") is objectives.forward_kl_loss
+  assert set(objectives.OBJECTIVES) == {"bond_fwd", "bond_bwd", "bond_jeffreys", "jbond",
+                                        "reinforce", "sft", "dpo", "ipo", "bonbon"}
+  assert objectives.get_objective("jbond") is objectives.OBJECTIVES["jbond"]
+  hp = ml_collections.ConfigDict(dict(n=8, k=16, num_policy_samples=3))
+  counts = {name: (a.anchor_samples(hp), a.policy_samples(hp), a.offline)
+            for name, a in objectives.OBJECTIVES.items()}
+  assert counts["jbond"] == (2, 1, False)              # BOND Algorithm 2: 2 anchor + 1 policy
+  assert counts["bond_jeffreys"] == (16, 3, False)     # max(N, k) anchor + S policy
+  assert counts["bond_bwd"] == (16, 3, False)
+  assert counts["bond_fwd"][0] == 8
+  assert counts["reinforce"] == (0, 3, False)
+  assert all(counts[k] == (0, 0, True) for k in ("sft", "dpo", "ipo", "bonbon"))
   with pytest.raises(ValueError) as e:
     objectives.get_objective("ppo")
   assert str(e.value) == ("unknown objective 'ppo'; known objectives: bonbon, bond_bwd, bond_fwd, "
-                          "bond_jeffreys, dpo, ipo, jbond, reinforce, reward_model, sft")
+                          "bond_jeffreys, dpo, ipo, jbond, reinforce, sft")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,10 +172,8 @@ def test_sharded_step_matches_one_device():
 # ---------------------------------------------------------------------------------------------
 # J-BOND (BOND Algorithm 2) on the exact harness: the default job, sampler inside the step.
 
-@pytest.fixture(scope="module")
-def jbond_run():
-  """configs/toy_jbond.py trained for its 180 steps; exact metrics every 10 steps."""
-  r = runner("jbond")
+def _train_jbond(r: Runner) -> dict:
+  """r's config trained for its num_steps; exact metrics every 10 steps."""
   task, mc = r.exp.task, r.exp.model_config
   ref_lp = toy.policy_log_probs(mc, r.exp.params, task)
   exact = jax.jit(lambda p: toy.exact_metrics(task, toy.policy_log_probs(mc, p, task), ref_lp))
@@ -187,12 +185,26 @@ def jbond_run():
   return dict(state=state, records=records)
 
 
+@pytest.fixture(scope="module")
+def jbond_run():
+  """configs/toy_jbond.py (β = 0.5) trained for its 180 steps."""
+  return _train_jbond(runner("jbond"))
+
+
+@pytest.fixture(scope="module")
+def jbond_forward_only_run():
+  """The control: the same job and seeds with the backward half off (β = 0)."""
+  config = canonical_config("jbond")
+  config.bond.beta = 0.0
+  return _train_jbond(Runner(config))
+
+
 def _window(records, key, lo, hi):
   return float(np.mean([r[key] for r in records[lo:hi]]))
 
 
 @pytest.mark.slow
-def test_jbond_improves_reward_and_kl_and_passes_best_of_4(jbond_run):
+def test_jbond_improves_reward_and_kl_and_passes_best_of_4(jbond_run, jbond_forward_only_run):
   records = jbond_run["records"]
   assert all(np.isfinite(r["loss"]) for r in records)
   # Exact (enumerated) reward and KL(π‖π_ref): first 3 evaluations (steps 10-30) vs last 3.
@@ -207,6 +219,13 @@ def test_jbond_improves_reward_and_kl_and_passes_best_of_4(jbond_run):
   assert final["exact/win_rate"] > 0.6, final
   # J-BOND pays for its KL: at most the reward of Best-of-N* (the BoN curve is the frontier).
   assert final["exact/reward_gap_to_bon"] < 0.0, final
+  # The backward half matters: against the forward-only control (same seeds, same steps) the
+  # full J-BOND ends with a clearly higher reward, win rate and effective N (last 3 evaluations).
+  control = jbond_forward_only_run["records"]
+  for key, margin in (("exact/reward", 0.05), ("exact/win_rate", 0.01),
+                      ("exact/effective_n", 0.5)):
+    ours, theirs = _window(records, key, -3, None), _window(control, key, -3, None)
+    assert ours > theirs + margin, (key, ours, theirs)
 
 
 @pytest.mark.slow

@@ -1,0 +1,159 @@
+"""The sampling stage: `rollout_fn(state, batch, rng) -> Rollout`, outside autodiff.
+
+A rollout holds everything an update needs that carries no gradient: the completions (sampled
+from the policy and the anchor, or read from a preference dataset), their rewards, and the
+log-probabilities of fixed models on them. The sampler's own sequence log-probs are kept
+(`Samples.logp`), so no pass recomputes them. Which samples a rollout draws is declared by the
+algorithm's registry entry (`objectives.OBJECTIVES`): e.g. J-BOND 2 anchor + 1 policy sample,
+Jeffreys BOND max(N, k) anchor + S policy, REINFORCE S policy, DPO none (pairs from the batch).
+
+Shapes: B prompts, P prompt tokens, N completions per prompt, T new tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from bond import objectives
+from bond import sampling
+from bond.models import gemma
+
+Array = jax.Array
+Params = Any
+RewardFn = Callable[[Array, Array, Array, Array], Array]
+
+
+@flax.struct.dataclass
+class Samples:
+  """N completions of each of B prompts and what is known about them without gradients.
+
+  Fields a rollout does not need are None.
+  """
+
+  tokens: Array                    # [B, N, T] int32, padded after eos
+  mask: Array                      # [B, N, T] bool, real tokens (eos included)
+  rewards: Array | None = None     # [B, N] f32
+  logp: Array | None = None        # [B, N] log-prob under the model that drew them (the sampler's)
+  ref_logp: Array | None = None    # [B, N] log π_ref(y)
+  anchor_logp: Array | None = None  # [B, N] log π_anchor(y)
+
+  def take(self, idx: Array) -> "Samples":
+    """The completion idx[b] of each prompt, as [B, 1, ...] (e.g. the best of N)."""
+    pick = lambda x: None if x is None else jnp.take_along_axis(  # noqa: E731
+        x, idx.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+    return jax.tree.map(pick, self)
+
+  def concat(self, other: "Samples") -> "Samples":
+    """[B, N1, ...] and [B, N2, ...] -> [B, N1 + N2, ...] (fields present in both)."""
+    join = lambda a, b: None if a is None or b is None else jnp.concatenate([a, b], axis=1)  # noqa: E731
+    return Samples(*(join(getattr(self, f), getattr(other, f)) for f in _FIELDS))
+
+
+_FIELDS = ("tokens", "mask", "rewards", "logp", "ref_logp", "anchor_logp")
+
+
+@flax.struct.dataclass
+class Rollout:
+  """The input of one update: a prompt batch and the samples its algorithm consumes."""
+
+  prompt_tokens: Array             # [B, P] left-padded
+  prompt_mask: Array               # [B, P]
+  policy: Samples | None = None    # online: samples of π_θ (the params being updated)
+  anchor: Samples | None = None    # online: samples of π_anchor (BOND's Best-of-N base)
+  chosen: Samples | None = None    # offline: preferred completions (e.g. best of n)
+  rejected: Samples | None = None  # offline: dispreferred completions (e.g. worst of n)
+
+
+def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt_tokens: Array,
+                         prompt_mask: Array, tokens: Array, mask: Array) -> Array:
+  """log π(y|x) summed over the completion mask: tokens, mask [B, N, T] -> [B, N].
+
+  One teacher-forced pass over the B·N rows [x; y]; differentiable in params.
+  """
+  b, n, t = tokens.shape
+  p = prompt_tokens.shape[1]
+  rows = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  [B, P] -> [B*N, P], sample-minor
+  seq = jnp.concatenate([rows(prompt_tokens), tokens.reshape(b * n, t)], axis=1)   # [B*N, P+T]
+  seq_mask = jnp.concatenate([rows(prompt_mask), mask.reshape(b * n, t)], axis=1).astype(jnp.bool_)
+  logits = gemma.Gemma(model_config).apply({"params": params}, seq, attention_mask=seq_mask)
+  # logits at position P-1+i predict completion token i.
+  lp = objectives.sequence_log_probs(logits[:, p - 1:-1], tokens.reshape(b * n, t),
+                                     mask.reshape(b * n, t))
+  return lp.reshape(b, n)
+
+
+def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
+  """`rollout_fn(state, batch, rng=None) -> Rollout` for `config.bond.objective`.
+
+  rng defaults to fold_in(state.rng, state.step), so a step's samples are a function of
+  (state, batch). Anchor samples use the first half of split(rng), policy samples the second.
+  """
+  bc, sc = config.bond, config.sampling
+  algorithm = objectives.get_objective(bc.objective)
+  num_anchor, num_policy = algorithm.anchor_samples(bc), algorithm.policy_samples(bc)
+
+  def logp(params, batch, samples):
+    return completion_log_probs(model_config, params, batch["prompt_tokens"], batch["prompt_mask"],
+                                samples.tokens, samples.mask)
+
+  def draw(params, batch, rng, n):
+    out = sampling.sample_fn(
+        model_config, params, batch["prompt_tokens"], batch["prompt_mask"], rng,
+        max_new_tokens=sc.max_new_tokens, num_samples=n, temperature=sc.temperature,
+        top_k=sc.top_k, top_p=sc.top_p, eos_id=model_config.eos_id)
+    return Samples(out.tokens, out.mask, logp=jnp.sum(out.logprobs, axis=-1))
+
+  def rewards(batch, samples):
+    b, n, t = samples.tokens.shape
+    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    r = reward_fn(rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
+                  samples.tokens.reshape(b * n, t), samples.mask.reshape(b * n, t))
+    return jax.lax.stop_gradient(r.reshape(b, n).astype(jnp.float32))
+
+  def offline(state, batch):
+    pairs = Samples(jnp.stack([batch["chosen_tokens"], batch["rejected_tokens"]], axis=1),
+                    jnp.stack([batch["chosen_mask"], batch["rejected_mask"]], axis=1))
+    ref = logp(state.ref_params, batch, pairs)                                   # [B, 2]
+    chosen, rejected = (Samples(pairs.tokens[:, i:i + 1], pairs.mask[:, i:i + 1],
+                                ref_logp=ref[:, i:i + 1]) for i in (0, 1))
+    return Rollout(batch["prompt_tokens"], batch["prompt_mask"], chosen=chosen, rejected=rejected)
+
+  def online(state, batch, rng):
+    rng_anchor, rng_policy = jax.random.split(rng)
+    anchor = draw(state.anchor_params, batch, rng_anchor, num_anchor) if num_anchor else None
+    policy = draw(state.params, batch, rng_policy, num_policy)
+    both = policy if anchor is None else anchor.concat(policy)
+    r = rewards(batch, both)
+    if anchor is not None:
+      anchor = anchor.replace(rewards=r[:, :num_anchor])
+    policy = policy.replace(rewards=r[:, num_anchor:], ref_logp=logp(state.ref_params, batch, policy))
+    if algorithm.policy_anchor_logp:
+      # A fixed anchor is π_ref itself (same params): its log-probs are already there.
+      policy = policy.replace(anchor_logp=policy.ref_logp if bc.anchor == "fixed"
+                              else logp(state.anchor_params, batch, policy))
+    return Rollout(batch["prompt_tokens"], batch["prompt_mask"], policy=policy, anchor=anchor)
+
+  def rollout_fn(state, batch: dict[str, Array], rng: Array | None = None) -> Rollout:
+    if rng is None:
+      rng = jax.random.fold_in(state.rng, state.step)
+    state = jax.lax.stop_gradient(state)
+    return offline(state, batch) if algorithm.offline else online(state, batch, rng)
+
+  return rollout_fn
+
+
+def metrics(rollout: Rollout) -> dict[str, Array]:
+  """Batch metrics of the policy's own samples (online rollouts; {} otherwise).
+
+  kl/policy_ref uses the sampler's log-probs: an unbiased estimate of KL(π‖π_ref).
+  """
+  s = rollout.policy
+  if s is None:
+    return {}
+  return {"reward/mean": jnp.mean(s.rewards),
+          "kl/policy_ref": jnp.mean(s.logp - s.ref_logp),
+          "length/mean": jnp.mean(jnp.sum(s.mask, axis=-1))}
