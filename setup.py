@@ -15,7 +15,8 @@ setuptools.setup(
     version="0.1.0",
     description="Best-of-N alignment of Gemma-style models in JAX/Flax (BOND, J-BOND, BoNBoN).",
     packages=setuptools.find_packages(include=PACKAGES),
-    # The CPU decode kernel is compiled from source on first use (bond/models/cpu_kernels.py).
+    # The CPU decode kernels are built from source by bond.models.backends.select, before any
+    # trace, and cached (bond/models/cpu_kernels.py).
     package_data={"bond.models": ["cpu_kernels.cc"]},
     python_requires=">=3.11",
     install_requires=[

@@ -54,7 +54,7 @@ RANGES = {
     "train.num_steps": (0, None), "train.log_every": (1, None),
     "train.checkpoint_every": (1, None), "train.keep_checkpoints": (1, None),
     "eval.every": (1, None), "eval.num_prompts": (1, None), "eval.ref_samples": (2, None),
-    "eval.policy_samples": (1, None),
+    "eval.policy_samples": (1, None), "eval.chunk_rows": (1, None),
 }
 
 # Keys that must be strictly positive.

@@ -105,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.seed = 0
   c.train.export_hf = False         # write the final policy as an HF directory in workdir/hf
+  c.train.compilation_cache = "~/.cache/bond/jax"   # JAX's persistent compilation cache for
+  #                                   `python -m bond.main` (reruns skip compiling); '' disables it
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10                 # evaluate every this many steps (and at the end)
@@ -114,7 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.policy_samples = 4         # M: policy samples per evaluation prompt and evaluation, >= 1
   c.eval.path = ""                  # held-out prompt JSONL; '' = held-out slice of the training data
   c.eval.policy = "policy"          # what is evaluated: 'policy', or 'bon:N' (Best-of-N sampling of
-  #                                   the policy, N >= 1, e.g. 'bon:8')
+  #                                   π_ref itself, N >= 1, e.g. 'bon:8': checks the BoN points)
+  c.eval.sampled = True             # held-out sampled evaluation (bond/heldout.py); False: only the
+  #                                   exact metrics (toy) run at eval.every
+  c.eval.chunk_rows = 256           # sequences per evaluation model call (bounds its memory)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                  # -1: all devices not used by fsdp * tensor

@@ -1,6 +1,7 @@
 """Entry point: `python -m bond.main --config=configs/toy_jbond.py --workdir=/tmp/run`.
 
-Modes: train (default), eval (exact toy metrics / samples of the latest checkpoint),
+Modes: train (default), eval (held-out evaluation of the latest checkpoint against a sampled
+Best-of-N reference, `--checkpoint=DIR|none`; plus the exact metrics on the toy task),
 sample (completions from the configured model), bon (write a best-and-worst-of-N JSONL dataset),
 train_rm (Bradley–Terry reward model on the configured pairs, written to workdir/rm).
 Any config key is overridable: `--config.bond.beta=0.5`.
@@ -89,7 +90,11 @@ except OSError:   # the config file to apply overrides to is missing
     raise
   _fail_missing_config(_config_arg(sys.argv))
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bond_toy_jbond", "Checkpoints, metrics, plots.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "bon", "train_rm"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "bon", "train_rm"],
+                          "What to run.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "For --mode=eval: a checkpoint directory, '' = the latest in "
+    "WORKDIR/checkpoints, 'none' = the config's model itself.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Prompt text(s) for --mode=sample.")
 _OUT = flags.DEFINE_string("out", "", "Output JSONL for --mode=bon (default workdir/bon.jsonl).")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "On an error, print the Python traceback "
@@ -125,12 +130,25 @@ def main(argv):
     _fatal(_one_line(e))
 
 
+def _compilation_cache(path: str) -> None:
+  """JAX's persistent compilation cache: a rerun of a config reaches its first step without
+  recompiling (programs that took >= 1 s to compile are stored)."""
+  if path:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _run(config):
   from bond import config as config_lib
   config_lib.validate(config)      # bad values and missing files fail here, before any compute
+  _compilation_cache(config.train.compilation_cache)
   if _MODE.value == "train":
     from bond import train
     train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == "eval":
+    from bond import train
+    train.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
   elif _MODE.value == "sample":
     from bond import cli
     cli.sample(config, _PROMPTS.value)

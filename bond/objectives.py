@@ -18,7 +18,6 @@ sample never depends on that sample, so it leaves the expected gradient unchange
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Any, Callable
 
@@ -296,13 +295,11 @@ def reward_model_loss(reward_w: Array, reward_l: Array, mask: Array | None = Non
 # rollout, computed there without gradients. Adding an algorithm = one loss + one entry.
 
 def _pass(params, logp, *samples) -> list[Array]:
-  """Sequence log-probs of several [B, N_i, T] sample sets in ONE teacher-forced pass."""
-  joined = samples[0]
-  for s in samples[1:]:
-    joined = joined.concat(s)
-  lp = logp(params, joined)
-  sizes = [s.tokens.shape[1] for s in samples]
-  return jnp.split(lp, list(itertools.accumulate(sizes))[:-1], axis=1)
+  """Sequence log-probs [B, N_i] of each [B, N_i, T] sample set, one teacher-forced pass each.
+
+  (One pass over the concatenated sets measured ~5% slower on CPU: a larger logits buffer.)
+  """
+  return [logp(params, s) for s in samples]
 
 
 def _best(samples, n: int):

@@ -22,8 +22,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from bond.models import cpu_kernels as cpu_kernels_lib
-from bond.models import gemma
+from bond.models import backends, gemma
 
 Array = jax.Array
 
@@ -149,23 +148,12 @@ def _prefill(config: gemma.GemmaConfig, params: Any, tokens: Array, mask: Array,
   return cache
 
 
-def _decode_step(config, variables, cache, tokens, positions, cpu_kernels=False):
+def _decode_step(config, variables, cache, tokens, positions, backend=gemma.XLA):
   """One token per row: tokens, positions [R] -> f32 logits [R, V], updated cache."""
-  logits, cache = gemma.Gemma(config, cpu_kernels=cpu_kernels).apply(
+  logits, cache = gemma.Gemma(config, backend=backend).apply(
       variables, tokens[:, None], positions=positions[:, None],
       attention_mask=jnp.ones((tokens.shape[0], 1), jnp.bool_), cache=cache)
   return logits[:, 0], cache
-
-
-def _use_cpu_kernels(config: gemma.GemmaConfig, cpu_kernels: bool | None) -> bool:
-  """Whether the decode loop runs through `bond.models.cpu_kernels` (bf16 only)."""
-  if cpu_kernels is False:
-    return False
-  usable = jnp.dtype(config.dtype) == jnp.bfloat16 and cpu_kernels_lib.available()
-  if cpu_kernels and not usable:
-    raise ValueError("cpu_kernels=True needs config.dtype=bfloat16 on a single CPU device with "
-                     "avx512_bf16 and a C++ compiler (see bond.models.cpu_kernels)")
-  return usable
 
 
 def _eos_tuple(config: gemma.GemmaConfig, eos_id) -> tuple[int, ...]:
@@ -182,7 +170,11 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
               rng: Array, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
               top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = ...,
               cpu_kernels: bool | None = None) -> SampleOutput:
-  """Pure, traceable body of `sample` (call it inside your own jit); see `sample`."""
+  """Pure, traceable body of `sample` (call it inside your own jit); see `sample`.
+
+  The decode backend is chosen here (`backends.select`), which builds the CPU kernels on first
+  use; call `backends.select(config)` before tracing to build them ahead.
+  """
   b, p = prompt_tokens.shape
   n, t = num_samples, max_new_tokens
   if prompt_mask.shape != (b, p):
@@ -205,11 +197,10 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
     cache = _prefill(config, params, prompt_tokens[:, :-1], mask[:, :-1], positions[:, :-1], cache)
   cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
 
-  # Decode is bound by streaming the weights; on CPU the packed kernel streams them faster.
-  variables = {"params": params}
-  kernels = _use_cpu_kernels(config, cpu_kernels)
-  if kernels:
-    variables[gemma.PACKED] = gemma.pack_weights(params)
+  # Decode is bound by streaming the weights; on CPU the kernels' backend streams them faster
+  # (its packed weights are prepared here, once, outside the loop).
+  backend = backends.select(config, cpu_kernels)
+  variables = {"params": params, **backend.prepare(params)}
 
   r = b * n
   unprocessed = temperature == 1.0 and top_k == 0 and top_p == 1.0
@@ -229,7 +220,7 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
 
   def body(state):
     i, token, pos, done, cache, out = state
-    logits, cache = _decode_step(config, variables, cache, token, pos, kernels)
+    logits, cache = _decode_step(config, variables, cache, token, pos, backend)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
     new, sample_lp = _choose(logits, step_keys, temperature, top_k, top_p)
     # Unprocessed sampling (temperature 1, no top-k/top-p) already has the model's log-probs.
@@ -264,10 +255,12 @@ def sample(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prompt_
   not depend on the rest of the batch). temperature 0 is greedy decoding. eos_id: an id or ids
   that stop a row (kept in the output, masked 1); None or -1: no stop; default `config.eos_id`.
   cpu_kernels: run the decode loop's matmuls and attention through `bond.models.cpu_kernels`
-  (bf16 on one CPU device with avx512_bf16); None (default): where they can run; False: never;
-  True: always, or an error.
+  (bf16 on one CPU device with avx512_bf16; `bond.models.backends.select`); None (default):
+  where they can run; False: never; True: always, or an error.
   Compiled once per (config, shapes, static options); traceable inside an outer `jax.jit`.
   """
+  # Chosen (and the kernels built) here, before tracing; `sample_fn` only reads the choice.
+  cpu_kernels = backends.select(config, cpu_kernels) != gemma.XLA
   return _sample_jit(config, params, prompt_tokens, prompt_mask, rng,
                      max_new_tokens=max_new_tokens, num_samples=num_samples,
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),

@@ -6,6 +6,7 @@ Everything stateful lives here (and in `checkpoint.py`/`data.py`); the maths is 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 import json
@@ -31,6 +32,7 @@ from bond import checkpoint as ckpt_lib
 from bond import config as config_lib
 from bond import data as data_lib
 from bond import evaluate
+from bond import heldout
 from bond import rollout as rollout_lib
 from bond import sharding
 from bond import steps
@@ -50,6 +52,7 @@ class Experiment:
   reward_fn: Callable | None
   task: toy.ToyTask | None = None
   tokenizer: Any = None
+  eval_prompts: dict[str, np.ndarray] | None = None   # held-out [E, P] (eval.sampled)
 
 
 def _model_dtypes(config) -> dict:
@@ -110,8 +113,13 @@ def toy_pairs(task: toy.ToyTask, ref_log_probs: np.ndarray, n: int, num_pairs: i
       "rejected_tokens": task.completions[worst], "rejected_mask": task.completion_mask[worst]})
 
 
-def build(config) -> Experiment:
-  """Model, data table and reward function from a validated config."""
+def build(config, held_out: bool = False) -> Experiment:
+  """Model, data table and reward function from a validated config.
+
+  held_out: also split off the held-out evaluation prompts (`eval_prompts`; on text data they
+  leave the training table). Training and `--mode=eval` do when `eval.sampled`; the sample,
+  bon and train_rm modes see the whole table.
+  """
   task = make_task(config) if config.data.source == "toy" else None
   model_config, params = load_model(config, task)
   if task is not None:
@@ -122,7 +130,10 @@ def build(config) -> Experiment:
     else:
       table = data_lib.Table({"prompt_tokens": task.prompts,
                               "prompt_mask": np.ones(task.prompts.shape, bool)})
-    return Experiment(model_config, params, table, reward_fn, task=task)
+    eval_prompts = None
+    if held_out:
+      table, eval_prompts = heldout.held_out_split(config, table, task=task)
+    return Experiment(model_config, params, table, reward_fn, task=task, eval_prompts=eval_prompts)
   from bond import rewards as rewards_lib
   from bond import tokenizer as tokenizer_lib
   tok_path = config.tokenizer.path or (
@@ -140,10 +151,14 @@ def build(config) -> Experiment:
              data_lib.tfds_prompts(dc.tfds_name, dc.tfds_split, dc.prompt_key, dc.tfds_data_dir))
     table = data_lib.prompt_table(texts, tok, dc.max_prompt_len, dc.prompt_template,
                                   dc.prompt_truncation)
+  eval_prompts = None
+  if held_out:   # before any training row is used: the held-out slice is never trained on
+    table, eval_prompts = heldout.held_out_split(config, table, tokenizer=tok)
   reward_fn = rewards_lib.from_config(config.reward, tokenizer=tok, policy_config=model_config,
                                       max_prompt_len=dc.max_prompt_len,
                                       max_completion_len=config.sampling.max_new_tokens)
-  return Experiment(model_config, params, table, reward_fn, tokenizer=tok)
+  return Experiment(model_config, params, table, reward_fn, tokenizer=tok,
+                    eval_prompts=eval_prompts)
 
 
 def _gguf_path() -> str:
@@ -287,6 +302,50 @@ def _config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[
           if old.get(k) != new.get(k)]
 
 
+def _setup(config):
+  """(experiment, mesh, optimizer, initial TrainState placed with its shardings, the shardings)."""
+  exp = build(config, held_out=config.eval.sampled)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  optimizer = steps.make_optimizer(config.optim)
+  param_sh = sharding.param_shardings(exp.model_config, mesh)
+  params = jax.device_put(exp.params, param_sh)
+  state = steps.init_state(params, optimizer, config.train.seed)
+  abstract = jax.eval_shape(lambda s: s, state)
+  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, param_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh))
+  state_sh = steps.TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh,
+                              anchor_params=param_sh, ref_params=param_sh,
+                              rng=sharding.replicated(mesh))
+  return exp, mesh, optimizer, jax.device_put(state, state_sh), state_sh
+
+
+def _evaluator(config, exp: Experiment, state, workdir: epath.Path):
+  """The held-out evaluator with its reference cache (workdir/eval/reference.npz), or None."""
+  if not config.eval.sampled:
+    return None
+  if jax.process_count() > 1:
+    logging.warning("eval.sampled: the held-out evaluation runs in single-process jobs only; "
+                    "skipped in this %d-process run", jax.process_count())
+    return None
+  evaluator = heldout.Evaluator(config, exp.model_config, exp.reward_fn, exp.eval_prompts,
+                                exp.tokenizer)
+  evaluator.load_or_draw_cache(state.ref_params, workdir / "eval")
+  return evaluator
+
+
+def _evaluate(evaluator, config, state, step: int, workdir: epath.Path, writer) -> dict:
+  """eval/* metrics at `step`; the sample table goes to workdir/samples and TensorBoard."""
+  metrics, records = evaluator(state.params, state.ref_params, heldout.eval_rng(config, step))
+  if jax.process_index() == 0:
+    heldout.write_samples(workdir / "samples", step, records)
+    if writer is not None:
+      writer.add_text("eval/samples", "\n\n".join(
+          f"**prompt** {r['prompt']}  \n**reference** ({r['reference_reward']:.3g}) "
+          f"{r['reference']}  \n**policy** ({r['policy_reward']:.3g}) {r['policy']}"
+          for r in records), step)
+  return metrics
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir` (a local path or e.g. gs://); returns the last
   logged metrics.
@@ -299,21 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   device never waits) before that state can be saved.
   """
   config_lib.validate(config)
-  exp = build(config)
+  exp, mesh, optimizer, state, state_sh = _setup(config)
   mc, tc = exp.model_config, config.train
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  optimizer = steps.make_optimizer(config.optim)
-
-  param_sh = sharding.param_shardings(mc, mesh)
-  params = jax.device_put(exp.params, param_sh)
-  state = steps.init_state(params, optimizer, tc.seed)
-  abstract = jax.eval_shape(lambda s: s, state)
-  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, param_sh,
-                                 transform_non_params=lambda _: sharding.replicated(mesh))
-  state_sh = steps.TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh,
-                              anchor_params=param_sh, ref_params=param_sh,
-                              rng=sharding.replicated(mesh))
-  state = jax.device_put(state, state_sh)
 
   is_main = jax.process_index() == 0
   workdir = epath.Path(workdir)
@@ -330,6 +376,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = int(meta["data_step"])
     if is_main:
       print(f"resumed from step {start} in {workdir}")
+
+  t_cache = time.time()
+  evaluator = _evaluator(config, exp, state, workdir)
+  if evaluator is not None and is_main:
+    print(f"held-out evaluation: {config.eval.num_prompts} prompts, reference cache of "
+          f"{config.eval.ref_samples} samples each ready in {time.time() - t_cache:.1f} s")
 
   # Two jitted stages (design.md): rollout (sampling, rewards, no-grad log-probs), then update.
   rollout_fn = rollout_lib.make_rollout_fn(config, mc, exp.reward_fn)
@@ -376,14 +428,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _check_finite(*previous, checkpointer)
       previous = (finite, done)
       preempted = preemption.reached(done)
-      log = done % tc.log_every == 0 or done == tc.num_steps
+      evaluate_now = done % config.eval.every == 0 or done == tc.num_steps
+      log = done % tc.log_every == 0 or done == tc.num_steps or evaluate_now
       save = done % tc.checkpoint_every == 0 or done == tc.num_steps or preempted
       if log or save:
         _check_finite(finite, done, checkpointer)
       if log:
         record = {"step": done, **_to_float(metrics)}
-        if exact_fn is not None and (done % config.eval.every == 0 or done == tc.num_steps):
+        if exact_fn is not None and evaluate_now:
           record.update(_to_float(exact_fn(state.params)))
+        if evaluator is not None and evaluate_now:
+          t_eval = time.time()
+          record.update(_evaluate(evaluator, config, state, done, workdir, writer))
+          record["time/eval_s"] = time.time() - t_eval
         record["time/elapsed_s"] = time.time() - t0
         last = record
         if is_main:
@@ -408,7 +465,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         {"ref": state.ref_params if exp.task is not None else None,
          "params": state.params if config.train.export_hf else None}, tiled=True)
     if is_main:
-      _finish(config, workdir, exp, host["ref"], host["params"], metrics_log.records)
+      points = None if evaluator is None else evaluator.reference_points()
+      _finish(config, workdir, exp, host["ref"], host["params"], metrics_log.records, points)
   return last
 
 
@@ -423,14 +481,18 @@ def _publish(record: dict, metrics_log: MetricsLog, writer, bar: tqdm.tqdm) -> N
 
 
 def _finish(config, workdir: epath.Path, exp: Experiment, ref_params, params,
-            records: list[dict]) -> None:
-  """Plots and HF export on process 0, from host-local (gathered) params."""
+            records: list[dict], points: dict | None = None) -> None:
+  """Plots and HF export on process 0, from host-local (gathered) params. `points`: the sampled
+  Best-of-N reference points (also written to workdir/eval/reference_points.json)."""
   curve = None
   if exp.task is not None:
     ref_lp = toy.policy_log_probs(exp.model_config, ref_params, exp.task)
     curve = evaluate.bon_curve(ref_lp, jnp.asarray(exp.task.rewards))
+  if points is not None:
+    (workdir / "eval").mkdir(parents=True, exist_ok=True)
+    (workdir / "eval" / "reference_points.json").write_text(json.dumps(points))
   with _local_dir(workdir / "plots") as out:
-    names = [os.path.basename(p) for p in evaluate.plot_run(records, out, curve)]
+    names = [os.path.basename(p) for p in evaluate.plot_run(records, out, curve, points)]
   print(f"metrics: {workdir / 'metrics.jsonl'}")
   print("plots: " + ", ".join(str(workdir / "plots" / name) for name in names))
   if config.train.export_hf:
@@ -438,3 +500,57 @@ def _finish(config, workdir: epath.Path, exp: Experiment, ref_params, params,
     with _local_dir(workdir / "hf") as out:
       convert.to_hf(exp.model_config, params, out)
     print(f"HF export: {workdir / 'hf'}")
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        checkpoint: str = "") -> dict:
+  """`--mode=eval`: the held-out evaluation (and the exact metrics on the toy task) of one policy.
+
+  checkpoint: '' = the latest checkpoint in workdir/checkpoints; a checkpoint directory; or
+  'none' = the config's model itself (e.g. an HF/GGUF model, or with eval.policy='bon:N' Best-of-N
+  sampling of it). Writes workdir/eval/metrics.jsonl (one record per call), the sample table in
+  workdir/samples/ and the plots in workdir/eval/plots/; returns the record.
+  """
+  config_lib.validate(config)
+  if jax.process_count() > 1:
+    raise ValueError("--mode=eval runs in a single process")
+  workdir = epath.Path(workdir)
+  checkpointer, step = None, 0
+  if checkpoint != "none":   # found (or not) before any model is loaded
+    directory = epath.Path(checkpoint) if checkpoint else workdir / "checkpoints"
+    if not directory.exists():
+      raise FileNotFoundError(f"--mode=eval: no checkpoint in {directory}: train there first, pass "
+                              "--checkpoint=DIR, or --checkpoint=none for the config's model")
+    checkpointer = ckpt_lib.Checkpointer(directory, config.train.keep_checkpoints)
+    step = checkpointer.latest_step()
+    if step is None:
+      checkpointer.close()
+      raise FileNotFoundError(f"--mode=eval: no complete checkpoint in {directory}")
+  config = copy.deepcopy(config)
+  config.eval.sampled = True
+  exp, _, _, state, _ = _setup(config)
+  if checkpointer is not None:
+    state, _ = checkpointer.restore(state, step)
+    checkpointer.close()
+  evaluator = _evaluator(config, exp, state, workdir)
+  record = {"step": step, "checkpoint": checkpoint or "latest",
+            **_evaluate(evaluator, config, state, step, workdir, None)}
+  if exp.task is not None:
+    ref_lp = toy.policy_log_probs(exp.model_config, state.ref_params, exp.task)
+    record.update(_to_float(toy.exact_metrics(
+        exp.task, toy.policy_log_probs(exp.model_config, state.params, exp.task), ref_lp,
+        n=heldout.target_n(config))))
+  points = evaluator.reference_points()
+  (workdir / "eval").mkdir(parents=True, exist_ok=True)
+  (workdir / "eval" / "reference_points.json").write_text(json.dumps(points))
+  with (workdir / "eval" / "metrics.jsonl").open("a") as f:
+    f.write(json.dumps(record) + "\n")
+  with _local_dir(workdir / "eval" / "plots") as out:
+    evaluate.plot_run([record], out, None, points)
+  for key in sorted(k for k in record if k.startswith("eval/") and not k.endswith("_se")):
+    print(f"{key:28s} {record[key]:10.4f} ± {record.get(key + '_se', float('nan')):.4f}")
+  print(f"Best-of-N points (from the cache): " + ", ".join(
+      f"N={n:g}: reward {r:.3f}, win {w:.3f}, KL {k:.3f}"
+      for n, r, w, k in zip(points["n"], points["reward"], points["win_rate"], points["kl"])))
+  print(f"eval: {workdir / 'eval' / 'metrics.jsonl'}")
+  return record

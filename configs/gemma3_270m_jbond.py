@@ -45,6 +45,13 @@ def get_config():
   c.train.log_every = 1
   c.train.checkpoint_every = 20
   c.train.keep_checkpoints = 1
-  c.eval.every = 5
+  c.eval.every = 10
   c.eval.num_samples = 4
+  # Held-out evaluation: the last 8 of the 40 prompts (never trained on), K = 16 cached π_ref
+  # samples each, M = 2 policy samples per evaluation; 32 sequences per model call (the logits of
+  # a 262k vocabulary are 1 MB per token in f32).
+  c.eval.num_prompts = 8
+  c.eval.ref_samples = 16
+  c.eval.policy_samples = 2
+  c.eval.chunk_rows = 32
   return c

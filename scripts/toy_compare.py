@@ -12,7 +12,8 @@ files (one workdir per run under OUT/runs/), every metric exact (enumerated) on 
              on the same best/worst-of-8 pairs of π_ref, β = β*_8; BoNBoN Fig. 1.
   ties       (default task: rewards on 5 integer levels, so they tie) backward-KL and Jeffreys
              BOND against Best-of-4 of π_ref with the log-quantile reward vs the tie-exact BOND
-             reward (`bond.bond_reward`), same seeds and steps; distance to π_BoN(4) itself.
+             reward (`bond.bond_reward`), p̂ from k = 4 or 16 anchor samples, same seeds and
+             1080 steps; distance to π_BoN(4) itself.
 
 Writes OUT/results.csv (every evaluation of every run), OUT/results.md (tables), OUT/bon_curve.md
 (the exact Best-of-N points of each task) and the PNGs reward_vs_kl.png, distance_to_bon.png,
@@ -57,11 +58,13 @@ def _length_task(config):
   return config
 
 
-def _tie_run(variant: str, reward: str):
-  """toy_bond.py:VARIANT with bond.bond_reward = reward, trained 2x longer (closer to π_BoN(4))."""
+def _tie_run(variant: str, reward: str, k: int):
+  """toy_bond.py:VARIANT with bond.bond_reward = reward and k anchor samples for p̂, trained 6x
+  longer than the frontier runs (1080 steps), to get near the target π_BoN(4)."""
   config = toy_bond.get_config(variant)
   config.bond.bond_reward = reward
-  config.train.num_steps = 360
+  config.bond.k = k
+  config.train.num_steps = 1080
   return config
 
 
@@ -72,8 +75,8 @@ RUNS = {
     "iterative_bond_n2": ("frontier", toy_iterative.get_config),
     **{f"reinforce_{b}": ("frontier", lambda b=b: toy_baselines.get_config(f"reinforce_{b}"))
        for b in toy_baselines.REINFORCE_BETAS},
-    **{f"bond_{v}_n4_{reward}": ("ties", lambda v=v, reward=reward: _tie_run(v, reward))
-       for v in ("bwd", "jeffreys") for reward in ("log_quantile", "exact_ties")},
+    **{f"bond_{v}_n4_k{k}_{reward}": ("ties", lambda v=v, reward=reward, k=k: _tie_run(v, reward, k))
+       for k in (4, 16) for v in ("bwd", "jeffreys") for reward in ("log_quantile", "exact_ties")},
     "bonbon": ("length", toy_bonbon.get_config),
     "dpo": ("length", lambda: _length_task(toy_baselines.get_config("dpo"))),
     "ipo": ("length", lambda: _length_task(toy_baselines.get_config("ipo"))),

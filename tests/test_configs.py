@@ -503,6 +503,7 @@ def test_xsum_config_end_to_end_on_mock_tfds(tmp_path):
   c.data.batch_size = 4
   c.sampling.max_new_tokens = 4
   c.bond.n, c.bond.k = 2, 3
+  c.eval.num_prompts = 2            # the mock split has 8 rows: hold out 2
   c.train.num_steps, c.train.log_every, c.train.checkpoint_every = 2, 1, 2
   config_lib.validate(c)
   with tfds.testing.mock_data(num_examples=8):

@@ -1,6 +1,7 @@
 """The AVX512-BF16 decode kernels against float64 numpy, and the sampler that uses them."""
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from bond import sampling
-from bond.models import cpu_kernels, gemma
+from bond.models import backends, cpu_kernels, gemma
 from conftest import padded_batch
 from test_sampling import teacher_forced_logprobs, tiny_model
 
@@ -148,17 +149,17 @@ def test_packed_model_matches_the_einsum_model():
   # the einsum path's up to bf16 rounding of the intermediate activations.
   config, params = tiny_model(dtype=jnp.bfloat16)
   params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
-  packed = gemma.pack_weights(params)
+  packed = backends.pack_weights(params)
   assert set(packed) == {f"layer_{i}" for i in range(config.num_layers)} | {"input_embedding"}
   assert set(packed["layer_0"]["attn"]) == {"q_einsum", "kv_einsum", "attn_vec_einsum"}
   assert set(packed["layer_0"]["mlp"]) == {"gating_geglu", "linear"}
   tokens, mask = padded_batch()
-  model = gemma.Gemma(config)
-  plain = model.apply({"params": params}, tokens, attention_mask=mask)
+  plain = gemma.Gemma(config).apply({"params": params}, tokens, attention_mask=mask)
   if not HAS_KERNEL:
     pytest.skip("the packed path needs the AVX512-BF16 kernel (not built on this CPU)")
+  model = gemma.Gemma(config, backend=backends.CpuKernels())
   fast = jax.jit(lambda v: model.apply(v, tokens, attention_mask=mask))(
-      {"params": params, gemma.PACKED: packed})
+      {"params": params, backends.PACKED: packed})
   scale = float(jnp.max(jnp.abs(plain)))
   np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), atol=0.02 * scale)
 
@@ -199,3 +200,100 @@ def test_env_switch_turns_the_kernel_off(monkeypatch):
   hlo = jax.jit(functools.partial(sampling.sample_fn, config, max_new_tokens=2)).lower(
       params, tokens, mask, jax.random.key(0)).as_text()
   assert cpu_kernels.TARGET not in hlo
+
+
+# ------------------------------------------------------------------ the backend seam
+
+
+def decode_logprobs(config, params, backend, prompt, mask, tokens):
+  """log pi(tokens [R, T]) after prompt [R, P] through the KV-cache decode path of `backend`:
+  one prefill, then one token per step, as the sampler runs them."""
+  r, t = tokens.shape
+  params = sampling._compute_params(config, params)
+  positions = gemma.default_positions(jnp.asarray(mask))
+  cache = gemma.init_cache(config, r, prompt.shape[1] - 1 + t)
+  cache = sampling._prefill(config, params, jnp.asarray(prompt[:, :-1]),
+                            jnp.asarray(mask[:, :-1]), positions[:, :-1], cache)
+  variables = {"params": params, **backend.prepare(params)}
+  step = jax.jit(functools.partial(sampling._decode_step, config, backend=backend))
+  feed = np.concatenate([prompt[:, -1:], tokens[:, :-1]], 1)
+  out = []
+  for i in range(t):
+    logits, cache = step(variables, cache, jnp.asarray(feed[:, i]), positions[:, -1] + i)
+    out.append(np.asarray(jax.nn.log_softmax(logits))[np.arange(r), tokens[:, i]])
+  return np.stack(out, 1)
+
+
+def _seam_model(name, param_dtype):
+  """A bf16 tiny model; Gemma 2 with attention and final soft-caps that bite."""
+  if name == "tiny_gemma3":
+    config, params = tiny_model(name, dtype=jnp.bfloat16, param_dtype=param_dtype)
+  else:   # attention logits ~ +-5 (q, k weights x10) against a cap of 1; final logits ~ 4 vs 2
+    config, params = tiny_model(name, embed_std=0.5, dtype=jnp.bfloat16, param_dtype=param_dtype,
+                                attn_logit_softcap=1.0, final_logit_softcap=2.0)
+    for layer in (p for key, p in params.items() if key.startswith("layer_")):
+      for w in ("q_einsum", "kv_einsum"):
+        layer["attn"][w] = 10 * layer["attn"][w]
+  return config, jax.tree.map(lambda w: w.astype(param_dtype), params)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+@pytest.mark.parametrize("param_dtype", [   # training: f32 params, bf16 compute
+    pytest.param(jnp.float32, id="training_dtype"),
+    pytest.param(jnp.bfloat16, id="bf16_params", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])
+def test_both_backends_give_the_same_samples_the_same_logprobs(name, param_dtype):
+  config, params = _seam_model(name, param_dtype)
+  tokens, mask = padded_batch()
+  n, t = 2, 6
+  out = sampling.sample(config, params, tokens, mask, jax.random.key(0), max_new_tokens=t,
+                        num_samples=n, eos_id=None, cpu_kernels=True)
+  samples = np.asarray(out.tokens).reshape(-1, t)
+  prompt, prompt_mask = np.repeat(tokens, n, 0), np.repeat(mask, n, 0)
+  xla, kernels = (decode_logprobs(config, params, backend, prompt, prompt_mask, samples)
+                  for backend in (gemma.XLA, backends.CpuKernels()))
+  # The model being trained: one teacher-forced pass in the same config (bf16 compute).
+  trained = teacher_forced_logprobs(config, params, tokens, mask, out).reshape(-1, t)
+  # bf16 rounding of the activations: XLA's own decode and teacher-forced compilations differ
+  # by ~0.03 at most here (excess precision in different fusions); the kernels as little.
+  for got, want in [(kernels, xla), (kernels, trained), (xla, trained),
+                    (np.asarray(out.logprobs).reshape(-1, t), kernels)]:
+    np.testing.assert_allclose(got, want, atol=0.08)
+    assert np.mean(np.abs(got - want)) < 0.015
+  if name == "tiny_gemma2":   # both caps change these log-probs far beyond the tolerance
+    for cap in ("attn_logit_softcap", "final_logit_softcap"):
+      uncapped = teacher_forced_logprobs(config.replace(**{cap: None}), params, tokens, mask, out)
+      assert np.max(np.abs(uncapped.reshape(-1, t) - trained)) > 0.5, cap
+
+
+def test_sampler_keeps_the_training_models_f32_numerics():
+  # A model trained in f32 compute (the default `model.dtype`) is sampled in f32: the bf16
+  # kernels stay off, so its samples' log-probs are the training pass's to f32 rounding.
+  config, params = tiny_model()
+  assert backends.select(config) == gemma.XLA
+  tokens, mask = padded_batch()
+  out = sampling.sample(config, params, tokens, mask, jax.random.key(0), max_new_tokens=6,
+                        num_samples=2, eos_id=None)
+  want = teacher_forced_logprobs(config, params, tokens, mask, out)
+  np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4)
+
+
+def test_select_falls_back_to_xla_with_one_log_line_saying_why(monkeypatch, caplog):
+  caplog.set_level(logging.INFO)
+  bf16, _ = tiny_model(dtype=jnp.bfloat16)
+  assert isinstance(backends.select(bf16), backends.CpuKernels) == HAS_KERNEL
+  monkeypatch.setenv("BOND_CPU_KERNELS", "0")
+  backends._log_once.cache_clear()
+  f32, _ = tiny_model()
+  for config in (bf16, bf16, f32, f32):
+    assert backends.select(config) == gemma.XLA
+    assert backends.select(config, cpu_kernels=False) == gemma.XLA
+  lines = [r.getMessage() for r in caplog.records if "bond.models.backends" in r.getMessage()]
+  assert len(lines) == 2, lines
+  assert "BOND_CPU_KERNELS=0" in lines[0] and "float32" in lines[1]
+
+
+def test_the_model_file_holds_no_kernel_code():
+  source = open(gemma.__file__).read()
+  for word in ("cpu_kernels", "packed", "PACKED", "ffi"):
+    assert word not in source, word

@@ -160,8 +160,9 @@ def test_killed_then_preempted_run_resumes_exactly(tmp_path, reference, launch):
   assert got == expected
   assert saved_steps(workdir) == [NUM_STEPS - 20, NUM_STEPS - 10, NUM_STEPS]   # keep 3
   assert_trees_equal(restore_raw(workdir, NUM_STEPS), restore_raw(reference, NUM_STEPS))
-  assert sorted(p.name for p in (workdir / "plots").iterdir()) == ["divergences.png",
-                                                                   "reward_vs_kl.png"]
+  assert sorted(p.name for p in (workdir / "plots").iterdir()) == [
+      "divergences.png", "kl_to_bon.png", "length_vs_win_rate.png", "log_quantile.png",
+      "reward_vs_kl.png", "win_rate_vs_kl.png"]
 
 
 @pytest.mark.slow

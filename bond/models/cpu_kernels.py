@@ -14,11 +14,11 @@ the weights stream from memory. XLA:CPU's dots reach about half the machine's ba
     them as many tiny batched products.
 
 Used only where it is correct and useful: on a single-device CPU backend whose CPU has
-avx512_bf16, for a bf16 model, in the sampler's decode loop (weights are packed once per
-`sample` call, outside the loop). Everywhere else, including TPU, GPU and sharded runs, the
-model runs its plain XLA ops. The kernels are compiled with the system C++ compiler on first use
-and cached (`$BOND_KERNEL_CACHE`, default ~/.cache/bond); if that fails, a warning is logged
-once and the XLA path is used. `BOND_CPU_KERNELS=0` turns them off.
+avx512_bf16, for a bf16 model, in the sampler's decode loop, through the `CpuKernels` backend
+of `bond.models.backends` (the model itself knows nothing of them). `build()` compiles them with
+the system C++ compiler once, ahead of any trace (the backend's selection calls it), and caches
+the library on disk (`$BOND_KERNEL_CACHE`, default ~/.cache/bond, keyed by the source, flags and
+jaxlib); the ops below also build on first direct use. `BOND_CPU_KERNELS=0` turns them off.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import pathlib
 import shutil
@@ -44,6 +43,7 @@ PACK_TARGET = "bond_bf16_pack"
 ATTENTION_TARGET = "bond_decode_attention"
 GEGLU_TARGET = "bond_bf16_geglu"
 COLS = 32            # output columns per packed block (cpu_kernels.cc: kCols)
+BUILD_FAILED = "the kernels did not build"
 _SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16")
@@ -87,31 +87,49 @@ def _compile() -> pathlib.Path:
 
 
 @functools.cache
-def _load() -> bool:
-  """Compiles, loads and registers the FFI target, once; False (warned once) if that fails."""
+def _build() -> str | None:
+  """Compiles, loads and registers the FFI targets, once per process; None, or why it failed."""
   try:
     lib = ctypes.cdll.LoadLibrary(str(_compile()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BondBf16Matmul), platform="cpu")
-    jax.ffi.register_ffi_target(PACK_TARGET, jax.ffi.pycapsule(lib.BondBf16Pack), platform="cpu")
-    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.BondDecodeAttention),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(GEGLU_TARGET, jax.ffi.pycapsule(lib.BondBf16Geglu), platform="cpu")
-  except Exception as e:  # noqa: BLE001 -- any failure means: use the plain XLA dots
-    logging.warning("bond.models.cpu_kernels: kernel unavailable, using XLA dots: %s", e)
-    return False
-  return True
+    for target, symbol in ((TARGET, lib.BondBf16Matmul), (PACK_TARGET, lib.BondBf16Pack),
+                           (ATTENTION_TARGET, lib.BondDecodeAttention),
+                           (GEGLU_TARGET, lib.BondBf16Geglu)):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+  except Exception as e:  # noqa: BLE001 -- any failure means: the kernels cannot run here
+    return f"{BUILD_FAILED}: {e}"
+  return None
+
+
+def build() -> None:
+  """Builds the kernels (cached on disk and per process); RuntimeError saying why if it fails.
+
+  Call it outside any trace, before the first model that uses the kernels (the backend's
+  selection does); concurrent processes may build at once (the library is renamed into place).
+  """
+  if not cpu_has_avx512_bf16():
+    raise RuntimeError("bond.models.cpu_kernels: this CPU has no avx512_bf16")
+  error = _build()
+  if error:
+    raise RuntimeError(f"bond.models.cpu_kernels: {error}")
+
+
+def unavailable_reason() -> str | None:
+  """Why the kernels cannot run here (None if they can): switched off, not a single CPU device,
+  no avx512_bf16, or the build failed. Builds them if everything else allows."""
+  if os.environ.get("BOND_CPU_KERNELS", "1") == "0":
+    return "BOND_CPU_KERNELS=0"
+  if jax.default_backend() != "cpu":
+    return f"the backend is {jax.default_backend()}, the kernels are CPU-only"
+  if jax.device_count() != 1:
+    return f"{jax.device_count()} devices, the kernels run on a single CPU device"
+  if not cpu_has_avx512_bf16():
+    return "this CPU has no avx512_bf16"
+  return _build()
 
 
 def available() -> bool:
-  """True if the kernels can run here: one CPU device, avx512_bf16, and they compiled."""
-  return (os.environ.get("BOND_CPU_KERNELS", "1") != "0" and jax.default_backend() == "cpu"
-          and jax.device_count() == 1 and cpu_has_avx512_bf16() and _load())
-
-
-def _require() -> None:
-  if not (cpu_has_avx512_bf16() and _load()):
-    raise RuntimeError("bond.models.cpu_kernels: the kernel is not available on this machine "
-                       "(needs avx512_bf16 and a C++ compiler; see the logged warning)")
+  """True if the kernels can run here: one CPU device, avx512_bf16, and they built."""
+  return unavailable_reason() is None
 
 
 def supports(k: int, n: int) -> bool:
@@ -142,7 +160,7 @@ def _call_packed(target: str, x: Array, packed: Array, cols_per_block: int, dtyp
   k, n = 2 * half_k, blocks * cols_per_block
   if x.shape[-1] != k:
     raise ValueError(f"x has {x.shape[-1]} features, the packed weight expects {k}")
-  _require()
+  build()
   lead = x.shape[:-1]
   rows = int(np.prod(lead))
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), dtype))
@@ -190,7 +208,7 @@ def decode_attention(q: Array, k_bits: Array, v_bits: Array, mask: Array,
                      "v [R, K, Hd, S], mask [R, S]")
   if k_bits.dtype != jnp.uint16 or v_bits.dtype != jnp.uint16:
     raise ValueError("decode_attention: the cache must hold bf16 as uint16 bits")
-  _require()
+  build()
   call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
   return call(q.astype(jnp.bfloat16), k_bits, v_bits, mask.astype(jnp.bool_),
               softcap=np.float32(softcap))

@@ -13,6 +13,10 @@ K kv heads, G = H // K query heads per kv head, Hd head dim, F MLP hidden dim, V
 Masking works on positions rather than slot indices: key `s` is visible to query `t` iff the
 key is a real token, `pos[s] <= pos[t]`, and on local layers `pos[t] - pos[s] < window`. The
 same rule serves a left-padded full forward pass and a KV-cache decode step.
+
+The weight matmuls, the GeGLU, the attention and the logits go through `Backend`, whose methods
+are the plain XLA ops below (`XLA`, the default). A backend for one platform (the CPU decode
+kernels of `bond.models.backends`) overrides them with the same numerics.
 """
 
 from __future__ import annotations
@@ -24,18 +28,12 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from bond.models import cpu_kernels
 
 Array = jax.Array
 Cache = dict[str, Any]
 
 # Large negative logit for masked attention entries; finite so fully masked rows give no NaN.
 K_MASK = -2.3819763e38
-
-# Variable collection of decode-time packed weights (`pack_weights`), read next to "params".
-PACKED = "packed"
 
 LOCAL = "local"
 GLOBAL = "global"
@@ -139,21 +137,6 @@ def _take_rows_jvp(primals, tangents):
   return _take_rows(table, ids), jnp.take(tangents[0], ids, axis=0)
 
 
-def _project(module: nn.Module, name: str, equation: str, x: Array, w: Array, dtype: Any) -> Array:
-  """`_einsum(equation, x, w)` for the weight param `name` of `module`.
-
-  x's trailing dims contract with w's leading dims. If the caller passed a packed copy of the
-  weight (collection `PACKED`, see `pack_weights`), the CPU kernel computes it instead.
-  """
-  if not module.has_variable(PACKED, name):
-    return _einsum(equation, x, w, dtype)
-  x_spec, w_spec = equation.split("->")[0].split(",")
-  contract = len(set(x_spec) & set(w_spec))
-  lead = x.shape[:x.ndim - contract]
-  y = cpu_kernels.matmul(x.reshape(*lead, -1).astype(dtype), module.get_variable(PACKED, name))
-  return y.reshape(*lead, *w.shape[contract:]).astype(dtype)
-
-
 class RMSNorm(nn.Module):
   """Gemma RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, computed in f32."""
 
@@ -191,10 +174,61 @@ def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | Non
   return visible
 
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """How the model runs its weight matmuls, GeGLU, attention and logits: plain XLA ops.
+
+  Subclasses override these with the same numerics (`bond.models.backends`). Weights are named by
+  their module and param name, so a backend can use its own copy of them: `prepare` returns extra
+  variable collections, computed once from the params, that the caller passes to `apply` next to
+  "params" and the backend reads with `module.get_variable`.
+  """
+
+  def prepare(self, params: Any) -> dict[str, Any]:
+    del params
+    return {}
+
+  def dense(self, module: nn.Module, name: str, equation: str, x: Array, w: Array,
+            dtype: Any) -> Array:
+    """x times the weight param `name` of `module` (x's trailing dims contract with w's leading)."""
+    del module, name
+    return _einsum(equation, x, w, dtype)
+
+  def geglu(self, module: nn.Module, name: str, x: Array, w: Array, dtype: Any) -> Array:
+    """gelu_tanh(x W[:, 0]) * (x W[:, 1]) for the fused gate/up weight w [D, 2, F]."""
+    gu = self.dense(module, name, "BTD,DCF->BTCF", x, w, dtype)
+    return jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]
+
+  def attention(self, q: Array, keys: Array, values: Array, mask: Array,
+                softcap: float | None, dtype: Any, cache: Cache | None) -> Array:
+    """Softmax attention -> [B, T, H, Hd]. q [B, T, H, Hd] (scaled), keys [B, S, K, Hd], mask
+    [B, T, S]; values [B, S, K, Hd], or [B, K, Hd, S] as cached. cache: None, or this layer's
+    stored cache after the write (`init_cache`), where keys and values were read from."""
+    b, t, h, hd = q.shape
+    k = keys.shape[2]
+    q = q.reshape(b, t, k, h // k, hd)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=jnp.float32)
+    if softcap:
+      logits = jnp.tanh(logits / softcap) * softcap
+    logits = jnp.where(mask[:, None, None], logits, K_MASK)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    pv = "BKGTS,BSKH->BTKGH" if cache is None else "BKGTS,BKHS->BTKGH"
+    return _einsum(pv, probs, values, dtype).reshape(b, t, h, hd)
+
+  def logits(self, module: nn.Module, x: Array, embedding: Array, dtype: Any) -> Array:
+    """f32 logits [B, T, V] of x [B, T, D] against the tied embedding [V, D]."""
+    del module
+    return jnp.einsum("BTD,VD->BTV", x, embedding.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+XLA = Backend()
+
+
 class Attention(nn.Module):
   config: GemmaConfig
   layer_type: str
-  cpu_kernels: bool = False
+  backend: Backend = XLA
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, kv_ctx: "KVContext") -> tuple[Array, Cache | None]:
@@ -208,8 +242,8 @@ class Attention(nn.Module):
         _dense_init(), ("q_heads", "head_dim", "embed")), (h, hd, d), cfg.param_dtype)
 
     x = x.astype(cfg.dtype)
-    q = _project(self, "q_einsum", "BTD,DNH->BTNH", x, w_q, cfg.dtype)
-    kv = _project(self, "kv_einsum", "BTD,DCKH->BTCKH", x, w_kv, cfg.dtype)
+    q = self.backend.dense(self, "q_einsum", "BTD,DNH->BTNH", x, w_q, cfg.dtype)
+    kv = self.backend.dense(self, "kv_einsum", "BTD,DCKH->BTCKH", x, w_kv, cfg.dtype)
     key, value = kv[:, :, 0], kv[:, :, 1]
     if cfg.use_qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="query_norm")(q)
@@ -225,24 +259,9 @@ class Attention(nn.Module):
     window = cfg.sliding_window if is_local else None
     mask = attention_mask(positions, kv_ctx.k_pos, kv_ctx.k_valid, window)   # [B, T, S]
 
-    b, t = q.shape[:2]
-    if self.cpu_kernels and t == 1 and new_cache is not None and new_cache["k"].dtype == jnp.uint16:
-      out = cpu_kernels.decode_attention(q.reshape(b, k, h // k, hd), new_cache["k"],
-                                        new_cache["v"], mask[:, 0], cfg.attn_logit_softcap or 0.0)
-      out = _project(self, "attn_vec_einsum", "BTNH,NHD->BTD",
-                     out.astype(cfg.dtype).reshape(b, t, h, hd), w_o, cfg.dtype)
-      return out, new_cache
-    q = q.reshape(b, t, k, h // k, hd)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key,
-                        preferred_element_type=jnp.float32)
-    if cfg.attn_logit_softcap:
-      logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    logits = jnp.where(mask[:, None, None], logits, K_MASK)
-    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-    # Cached values are stored transposed, [B, K, Hd, S] (see `init_cache`).
-    pv = "BKGTS,BSKH->BTKGH" if new_cache is None else "BKGTS,BKHS->BTKGH"
-    out = _einsum(pv, probs, value, cfg.dtype).reshape(b, t, h, hd)
-    out = _project(self, "attn_vec_einsum", "BTNH,NHD->BTD", out, w_o, cfg.dtype)
+    out = self.backend.attention(q, key, value, mask, cfg.attn_logit_softcap, cfg.dtype,
+                                 new_cache)
+    out = self.backend.dense(self, "attn_vec_einsum", "BTNH,NHD->BTD", out, w_o, cfg.dtype)
     return out, new_cache
 
 
@@ -250,6 +269,7 @@ class MLP(nn.Module):
   """GeGLU: `linear(gelu_tanh(x W_gate) * (x W_up))` with gate and up fused in one matmul."""
 
   config: GemmaConfig
+  backend: Backend = XLA
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -258,32 +278,27 @@ class MLP(nn.Module):
         _dense_init(), ("embed", None, "mlp")), (cfg.embed_dim, 2, cfg.hidden_dim), cfg.param_dtype)
     w_down = self.param("linear", nn.with_logical_partitioning(
         _dense_init(), ("mlp", "embed")), (cfg.hidden_dim, cfg.embed_dim), cfg.param_dtype)
-    if self.has_variable(PACKED, "gating_geglu"):
-      hidden = cpu_kernels.geglu(x, self.get_variable(PACKED, "gating_geglu")).astype(cfg.dtype)
-    else:
-      gu = _project(self, "gating_einsum", "BTD,DCF->BTCF", x, w_gu, cfg.dtype)
-      hidden = jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]
+    hidden = self.backend.geglu(self, "gating_einsum", x, w_gu, cfg.dtype)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    return _project(self, "linear", "BTF,FD->BTD", hidden, w_down, cfg.dtype)
+    return self.backend.dense(self, "linear", "BTF,FD->BTD", hidden, w_down, cfg.dtype)
 
 
 class Block(nn.Module):
   config: GemmaConfig
   layer_type: str
-  cpu_kernels: bool = False
+  backend: Backend = XLA
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, kv_ctx: "KVContext"):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)  # noqa: E731
     h = norm("pre_attention_norm")(x)
-    h, new_cache = Attention(cfg, self.layer_type, self.cpu_kernels, name="attn")(
-        h, positions, kv_ctx)
+    h, new_cache = Attention(cfg, self.layer_type, self.backend, name="attn")(h, positions, kv_ctx)
     if cfg.use_post_norms:
       h = norm("post_attention_norm")(h)
     x = x + h
     h = norm("pre_ffw_norm")(x)
-    h = MLP(cfg, name="mlp")(h)
+    h = MLP(cfg, self.backend, name="mlp")(h)
     if cfg.use_post_norms:
       h = norm("post_ffw_norm")(h)
     x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
@@ -367,13 +382,12 @@ class Gemma(nn.Module):
   `default_positions(attention_mask)`. With `cache=` (from `init_cache`), the tokens are
   written at `cache['index']` and `(logits, new_cache)` is returned.
 
-  cpu_kernels: decode steps (T = 1 over a bf16 cache) run their attention through
-  `cpu_kernels.decode_attention`; only where `cpu_kernels.available()` (the sampler decides).
-  Packed weights passed in the `PACKED` collection (`pack_weights`) use the matmul kernel.
+  backend: how the matmuls and attention run (`Backend`); default plain XLA ops. Pass the
+  backend's own variables too: `apply({"params": p, **backend.prepare(p)}, ...)`.
   """
 
   config: GemmaConfig
-  cpu_kernels: bool = False
+  backend: Backend = XLA
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
@@ -408,18 +422,14 @@ class Gemma(nn.Module):
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache["layers"][i]
       ctx = KVContext(k_pos, k_valid, layer_cache, index)
-      x, layer_new = block_cls(cfg, cfg.layer_type(i), self.cpu_kernels, name=f"layer_{i}")(
+      x, layer_new = block_cls(cfg, cfg.layer_type(i), self.backend, name=f"layer_{i}")(
           x, positions, ctx)
       new_layers.append(layer_new)
     x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="final_norm")(x)
     if return_hidden:
       out = x
     else:
-      if self.has_variable(PACKED, "input_embedding"):   # packed transposed, [D, V]
-        out = cpu_kernels.matmul(x, self.get_variable(PACKED, "input_embedding"))
-      else:
-        out = jnp.einsum("BTD,VD->BTV", x, embedding.astype(cfg.dtype),
-                         preferred_element_type=jnp.float32)
+      out = self.backend.logits(self, x, embedding, cfg.dtype)
       if cfg.final_logit_softcap:
         out = jnp.tanh(out / cfg.final_logit_softcap) * cfg.final_logit_softcap
     if cache is None:
@@ -449,38 +459,3 @@ def logical_axes(config: GemmaConfig):
   boxed = jax.eval_shape(lambda r: Gemma(config).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
                          jax.random.key(0))
   return nn.get_partition_spec(boxed)
-
-
-# Matmul weights of a layer, as (module, param, number of leading contracted dims).
-_LAYER_MATMULS = (("attn", "q_einsum", 1), ("attn", "kv_einsum", 1), ("attn", "attn_vec_einsum", 2),
-                  ("mlp", "gating_einsum", 1), ("mlp", "linear", 1))
-
-
-def pack_weights(params: Any) -> dict[str, Any]:
-  """Packed copies of the matmul weights for the CPU decode kernel (`bond.models.cpu_kernels`).
-
-  Pass them next to the params, `apply({"params": p, PACKED: pack_weights(p)}, ...)`,
-  and those matmuls run through the kernel. Weights whose shapes it cannot take are left out
-  (they keep their `einsum`). The tied embedding is packed transposed, [D, V], for the logits;
-  the MLP's gate/up weight is packed as "gating_geglu" for the fused GeGLU kernel.
-  Pack once, outside any decode loop: it is a full pass over the weights.
-  """
-  def packable(w, contract):
-    return cpu_kernels.supports(int(np.prod(w.shape[:contract])), int(np.prod(w.shape[contract:])))
-
-  packed: dict[str, Any] = {}
-  for layer, layer_params in params.items():
-    if not layer.startswith("layer_"):
-      continue
-    for module, name, contract in _LAYER_MATMULS:
-      w = layer_params[module][name]
-      if name == "gating_einsum" and packable(w, contract):   # [D, 2F]: 2F % 32 <=> F % 16
-        # Gate/up with the GeGLU computed in the kernel (MLP reads "gating_geglu").
-        packed.setdefault(layer, {}).setdefault(module, {})["gating_geglu"] = (
-            cpu_kernels.pack_geglu(w))
-      elif packable(w, contract):
-        packed.setdefault(layer, {}).setdefault(module, {})[name] = cpu_kernels.pack(w, contract)
-  embedding_t = params["input_embedding"].T
-  if packable(embedding_t, 1):
-    packed["input_embedding"] = cpu_kernels.pack(embedding_t)
-  return packed

@@ -1,0 +1,388 @@
+"""One J-BOND training step (BOND Algorithm 2) of `bond` against the same step in plain PyTorch/HF.
+
+Same weights, same prompts, same programmatic reward on both sides. Per prompt: 2 completions of
+the anchor and 1 of the policy (temperature 1, no top-k/top-p, no eos: every row has exactly
+`--new-tokens` tokens), a bag-of-tokens reward, teacher-forced log-probs (policy on the best anchor
+sample and on the policy sample, with gradients; anchor on the policy sample, without), the J-BOND
+loss (β = 0.5, γ = 0, penalty log 16, batch leave-one-out baseline), Adam (lr 3e-6, global-norm
+clip 1.0, no warm-up) and the EMA anchor θa ← (1−η)θa + ηθ (η = 0.02). f32 params, bf16 compute.
+
+`bond`: `rollout.make_rollout_fn` + `steps.make_update_fn`, jitted as `bond/train.py` jits them
+(the update donated); its phases are separately jitted sub-functions built from the same pieces.
+PyTorch: `transformers` model exported with `convert.to_hf` (a second copy is the anchor),
+`generate` for the samples, autograd under `torch.autocast("cpu", bfloat16)`, `torch.optim.Adam`,
+EMA on the anchor's parameters. It runs in a child process (clean peak RSS, no JAX threads).
+
+Printed: per-phase best times, the sum of the parts against the whole step (timed apart), the
+fwd+bwd's model-FLOPs utilisation (6 · params · tokens of the two grad passes, against the bf16
+matmul peak measured in this run), bond/PyTorch per whole step, compile (first call − steady
+state) and peak RSS.
+
+  python benchmarks/train_step.py                   # gemma3_35m, 16 prompts x 16 + 32 tokens
+  python benchmarks/train_step.py --gguf            # real Gemma 3 270M, 4 prompts x 12 + 32 tokens
+  python benchmarks/train_step.py --smoke           # tiny_gemma3, < 60 s, for development
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BETA, GAMMA, ETA, LR, CLIP = 0.5, 0.0, 0.02, 3e-6, 1.0
+PENALTY = math.log(16.0)
+NUM_ANCHOR = 2
+
+
+def rss_now_gb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def rss_peak_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
+
+def reward_weights(vocab: int) -> np.ndarray:
+  """The bag-of-tokens reward's hidden per-token weights, identical on both sides."""
+  return np.random.default_rng(1).normal(size=vocab).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ PyTorch
+
+def torch_side(workdir: str, steps: int) -> dict:
+  """The plain PyTorch/HF step on the weights in `workdir/hf`; returns times (s) and RSS."""
+  import copy
+
+  import torch
+  import transformers
+  torch.set_num_threads(2)
+  torch.manual_seed(0)
+  data = np.load(os.path.join(workdir, "data.npz"))
+  ids = torch.tensor(data["prompts"], dtype=torch.long)
+  attn = torch.ones_like(ids)
+  weights = torch.tensor(data["weights"])
+  new_tokens = int(data["new_tokens"])
+  b, p = ids.shape
+
+  policy = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.join(workdir, "hf"), dtype=torch.float32).eval()
+  policy.generation_config.eos_token_id = None          # no eos: exactly new_tokens per row
+  # The anchor's params keep requires_grad (it is only ever run under no_grad and is not in the
+  # optimizer): autocast caches its bf16 weight casts only for leaves that require grad.
+  anchor = copy.deepcopy(policy)
+  optimizer = torch.optim.Adam(policy.parameters(), lr=LR, betas=(0.9, 0.999))
+  autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+
+  def generate(model, n):
+    out = model.generate(ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+                         top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         num_return_sequences=n, pad_token_id=0)
+    return out[:, p:].reshape(b, n, new_tokens)
+
+  def seq_logp(model, prompts, completions):
+    seq = torch.cat([prompts, completions], dim=1)
+    logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+    logp = torch.log_softmax(logits[:, p - 1:-1].float(), dim=-1)
+    return logp.gather(-1, completions[..., None])[..., 0].sum(-1)
+
+  def step():
+    t = [time.perf_counter()]
+    with torch.no_grad(), autocast():                    # sampling
+      y_anchor = generate(anchor, NUM_ANCHOR)            # [B, 2, T]
+      y = generate(policy, 1)[:, 0]                      # [B, T]
+    t.append(time.perf_counter())
+    r_anchor = weights[y_anchor].sum(-1)                 # rewards, [B, 2]
+    r_y = weights[y].sum(-1)
+    best = y_anchor[torch.arange(b), r_anchor.argmax(1)]  # first maximiser, as bond
+    beats = r_y >= r_anchor.min(1).values
+    t.append(time.perf_counter())
+    with torch.no_grad(), autocast():                    # no-grad pass: anchor on y
+      anchor_lp = seq_logp(anchor, ids, y)
+    t.append(time.perf_counter())
+    with autocast():                                     # fwd+bwd: policy on [best; y]
+      lp = seq_logp(policy, torch.cat([ids, ids]), torch.cat([best, y]))
+    lp_best, lp_y = lp[:b], lp[b:]
+    fwd = -lp_best.mean()
+    reward = torch.where(beats, 0.0, -PENALTY) - (lp_y - anchor_lp).detach()
+    baseline = (reward.sum() - reward) / (b - 1)         # leave-one-out over the batch
+    bwd = torch.mean(-reward - (reward - baseline) * (lp_y - lp_y.detach()))
+    loss = (1 - BETA) * fwd + BETA * bwd                 # γ = 0: no KL term
+    loss.backward()
+    t.append(time.perf_counter())
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), CLIP)   # optimizer + anchor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+      for a, q in zip(anchor.parameters(), policy.parameters()):
+        a.mul_(1 - ETA).add_(q, alpha=ETA)
+    t.append(time.perf_counter())
+    return np.diff(t), t[-1] - t[0]
+
+  # Same weights: teacher-forced log-probs of fixed completions, compared with bond's by the parent.
+  with torch.no_grad(), autocast():
+    check = seq_logp(policy, ids, torch.tensor(data["check"], dtype=torch.long)).numpy()
+  rss_loaded = rss_now_gb()
+  first = step()[1]
+  runs = [step() for _ in range(steps)]
+  parts = np.min([r[0] for r in runs], axis=0)
+  whole = min(r[1] for r in runs)
+  return {"parts": parts.tolist(), "whole": whole, "first": first, "check": check.tolist(),
+          "rss_loaded": rss_loaded, "rss_peak": rss_peak_gb(),
+          "params": sum(x.numel() for x in policy.parameters())}
+
+
+# --------------------------------------------------------------------------------------- bond
+
+def bond_side(args, model_config, params, tokens, weights, check):
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import sampler   # benchmarks/sampler.py (this script's directory is on sys.path)
+  from bond import anchor as anchor_lib
+  from bond import defaults, rewards, rollout as rollout_lib, sampling, steps
+
+  config = defaults.get_config()
+  config.bond.objective, config.bond.anchor = "jbond", "ema"
+  config.bond.update(beta=BETA, gamma=GAMMA, eta=ETA, jbond_penalty=PENALTY)
+  config.model.preset = args.preset
+  config.model.dtype, config.model.param_dtype = "bfloat16", "float32"
+  config.sampling.max_new_tokens = args.new_tokens
+  config.optim.update(lr=LR, warmup_steps=0, grad_clip=CLIP)
+  mc = model_config
+  sc, b, t = config.sampling, tokens.shape[0], args.new_tokens
+  reward_fn = rewards.bag_of_tokens_reward(weights)
+  optimizer = steps.make_optimizer(config.optim)
+  batch = {"prompt_tokens": jnp.asarray(tokens), "prompt_mask": jnp.ones(tokens.shape, bool)}
+  block = lambda tree: jax.tree.map(lambda x: x.block_until_ready(), tree)  # noqa: E731
+  n = args.steps
+  out = {}
+
+  def timed(name, fn):
+    """(first call, best of n) seconds of fn(), which blocks."""
+    first = sampler.best_time(fn, 1)
+    out[name] = (first, sampler.best_time(fn, n))
+    print(f"  bond {name:<28} {out[name][1] * 1e3:9.1f} ms   (first call {first:.1f} s)",
+          flush=True)
+
+  # Same weights as torch: teacher-forced log-probs of the check completions.
+  lp = rollout_lib.completion_log_probs(mc, params, batch["prompt_tokens"], batch["prompt_mask"],
+                                        jnp.asarray(check)[:, None], jnp.ones((b, 1, t), bool))
+  out["check"] = np.asarray(lp)[:, 0]
+
+  rollout_fn = rollout_lib.make_rollout_fn(config, mc, reward_fn)
+  update_fn = steps.make_update_fn(config, mc, optimizer)
+  jit_rollout = jax.jit(rollout_fn)
+  jit_update = jax.jit(update_fn, donate_argnums=0)
+  state = [steps.init_state(params, optimizer, seed=0)]
+  out["rss_loaded"] = rss_now_gb()
+
+  # Whole step as bond/train.py runs it: the two jitted stages, the update donated.
+  def two_jits():
+    state[0], metrics = jit_update(state[0], jit_rollout(state[0], batch))
+    block((state[0], metrics))
+  timed("step (rollout + update jits)", two_jits)
+  out["rss_step"] = rss_peak_gb()
+
+  # The stages alone (the update needs a fresh rollout input, not donated).
+  rollout = block(jit_rollout(state[0], batch))
+  timed("  rollout jit", lambda: block(jit_rollout(state[0], batch)))
+
+  def update_only():
+    state[0], metrics = jit_update(state[0], rollout)
+    block((state[0], metrics))
+  timed("  update jit (donated)", update_only)
+
+  if not args.skip_single_jit:   # steps.make_train_step in one jit, donated
+    jit_step = jax.jit(steps.make_train_step(config, mc, reward_fn, optimizer), donate_argnums=0)
+
+    def one_jit():
+      state[0], metrics = jit_step(state[0], batch)
+      block((state[0], metrics))
+    timed("step (make_train_step, 1 jit)", one_jit)
+
+  # Phases: separately jitted sub-functions built from the same pieces as the rollout/update.
+  s = state[0]
+  rng = jax.random.fold_in(s.rng, s.step)
+
+  @jax.jit
+  def sample_both(anchor_params, params, rng):
+    rng_anchor, rng_policy = jax.random.split(rng)
+    draw = lambda p, r, k: sampling.sample_fn(  # noqa: E731
+        mc, p, batch["prompt_tokens"], batch["prompt_mask"], r, max_new_tokens=t, num_samples=k,
+        temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, eos_id=mc.eos_id)
+    return draw(anchor_params, rng_anchor, NUM_ANCHOR), draw(params, rng_policy, 1)
+  timed("sampling (2 anchor + 1 policy)",
+        lambda: block(sample_both(s.anchor_params, s.params, rng)))
+
+  samples = jnp.concatenate([rollout.anchor.tokens, rollout.policy.tokens], axis=1)   # [B, 3, T]
+  samples_mask = jnp.concatenate([rollout.anchor.mask, rollout.policy.mask], axis=1)
+
+  @jax.jit
+  def score(tokens, mask):
+    rep = lambda x: jnp.repeat(x, NUM_ANCHOR + 1, axis=0)  # noqa: E731
+    return reward_fn(rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
+                     tokens.reshape(b * 3, t), mask.reshape(b * 3, t)).reshape(b, 3)
+  timed("rewards", lambda: block(score(samples, samples_mask)))
+
+  @jax.jit
+  def no_grad_pass(p, tokens, mask):
+    return rollout_lib.completion_log_probs(mc, p, batch["prompt_tokens"], batch["prompt_mask"],
+                                            tokens, mask)
+  y, y_mask = rollout.policy.tokens, rollout.policy.mask
+  timed("no-grad: anchor on y", lambda: block(no_grad_pass(s.anchor_params, y, y_mask)))
+  timed("no-grad: ref on y (metric only)", lambda: block(no_grad_pass(s.ref_params, y, y_mask)))
+
+  loss_fn = steps.make_loss_fn(config, mc)
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  timed("fwd+bwd (loss, 2 rows/prompt)", lambda: block(grad_fn(s.params, rollout)))
+  grads = block(grad_fn(s.params, rollout)[1])
+
+  @jax.jit
+  def optimizer_and_anchor(s, grads):   # update_fn after value_and_grad (not donated)
+    updates, opt_state = optimizer.update(grads, s.opt_state, s.params)
+    params = optax.apply_updates(s.params, updates)
+    anchor = anchor_lib.ema_update(s.anchor_params, params, ETA)
+    return params, opt_state, anchor, optax.global_norm(params), optax.global_norm(grads)
+  timed("optimizer + anchor", lambda: block(optimizer_and_anchor(s, grads)))
+  out["rss_peak"] = rss_peak_gb()
+  return out
+
+
+# --------------------------------------------------------------------------------------- main
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--preset", default="gemma3_35m")
+  parser.add_argument("--gguf", action="store_true", help="the real Gemma 3 270M (GGUF)")
+  parser.add_argument("--prompts", type=int, default=None, help="default 16 (--gguf: 4)")
+  parser.add_argument("--prompt-len", type=int, default=None, help="default 16 (--gguf: 12)")
+  parser.add_argument("--new-tokens", type=int, default=None, help="default 32")
+  parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3)")
+  parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--skip-single-jit", action="store_true",
+                      help="do not also time steps.make_train_step as one jit")
+  parser.add_argument("--smoke", action="store_true", help="tiny_gemma3, 4 x 8 + 8 tokens")
+  parser.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.torch_child:
+    result = torch_side(args.torch_child, args.steps)
+    with open(os.path.join(args.torch_child, "torch.json"), "w") as f:
+      json.dump(result, f)
+    return
+  small = (4, 12) if args.gguf else (4, 8) if args.smoke else (16, 16)
+  args.prompts = args.prompts or small[0]
+  args.prompt_len = args.prompt_len or small[1]
+  args.new_tokens = args.new_tokens or (8 if args.smoke else 32)
+  args.steps = args.steps or (1 if args.smoke else 3)
+  if args.smoke:
+    args.preset, args.skip_single_jit = "tiny_gemma3", True
+
+  import jax
+  import jax.numpy as jnp
+
+  import sampler   # benchmarks/sampler.py
+  from bond.models import convert, gemma, presets
+  load = os.getloadavg()
+  start = time.perf_counter()
+  peak = sampler.matmul_peak(jnp.bfloat16)
+  if args.gguf:
+    from bond import assets
+    name = "Gemma 3 270M (GGUF)"
+    model_config, params = convert.from_gguf(assets.gemma3_270m_gguf_path())
+    model_config = model_config.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  else:
+    name = args.preset
+    model_config = presets.get(args.preset, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    params = gemma.init_params(model_config.replace(dtype=jnp.float32), jax.random.key(0))
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  b, p, t = args.prompts, args.prompt_len, args.new_tokens
+  tokens, _ = sampler.prompts(model_config, b, p)
+  weights = reward_weights(model_config.vocab_size)
+  check = np.random.default_rng(2).integers(3, min(model_config.vocab_size, 30_000), (b, t))
+  print(f"{name}: {n_params / 1e6:.1f}M params (vocab {model_config.vocab_size}), {b} prompts x "
+        f"({p} + {t}) tokens, 2 anchor + 1 policy samples, f32 params, bf16 compute; "
+        f"{args.steps} timed steps, best of each")
+  print(f"devices: {jax.devices()}  load average at start: {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f}  measured bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s  persistent "
+        f"compilation cache: {jax.config.jax_compilation_cache_dir or 'off'}", flush=True)
+
+  torch_result = None
+  hf_config = model_config
+  model_config = model_config.replace(eos_id=-1)     # no eos: every row has new_tokens tokens
+  if not args.skip_torch:
+    with tempfile.TemporaryDirectory() as workdir:
+      convert.to_hf(hf_config, params, os.path.join(workdir, "hf"))
+      np.savez(os.path.join(workdir, "data.npz"), prompts=tokens, weights=weights, check=check,
+               new_tokens=t)
+      print("torch: running in a child process ...", flush=True)
+      subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-child", workdir,
+                      "--steps", str(args.steps)], check=True)
+      with open(os.path.join(workdir, "torch.json")) as f:
+        torch_result = json.load(f)
+  ours = bond_side(args, model_config, params, tokens, weights, check)
+
+  # ---- table
+  grad_tokens = 2 * b * (p + t)                      # policy on [best anchor; y], prompt included
+  flops = 6 * n_params * grad_tokens
+  bond_parts = [ours["sampling (2 anchor + 1 policy)"][1], ours["rewards"][1],
+                ours["no-grad: anchor on y"][1] + ours["no-grad: ref on y (metric only)"][1],
+                ours["fwd+bwd (loss, 2 rows/prompt)"][1], ours["optimizer + anchor"][1]]
+  bond_whole = ours["step (rollout + update jits)"][1]
+  names = ["sampling (2 anchor + 1 policy)", "rewards", "no-grad passes",
+           "fwd+bwd (2 grad rows/prompt)", "optimizer + anchor"]
+  torch_parts = torch_result["parts"] if torch_result else [float("nan")] * 5
+  torch_whole = torch_result["whole"] if torch_result else float("nan")
+  print()
+  print(f"{'phase':<34} {'bond ms':>9} {'torch ms':>9} {'torch/bond':>10}")
+  for nm, ob, tb in zip(names, bond_parts, torch_parts):
+    print(f"{nm:<34} {ob * 1e3:>9.1f} {tb * 1e3:>9.1f} {tb / ob:>10.2f}")
+  print(f"{'sum of parts':<34} {sum(bond_parts) * 1e3:>9.1f} {sum(torch_parts) * 1e3:>9.1f}")
+  print(f"{'whole step (timed apart)':<34} {bond_whole * 1e3:>9.1f} {torch_whole * 1e3:>9.1f} "
+        f"{torch_whole / bond_whole:>10.2f}")
+  print(f"{'whole / sum of parts':<34} {bond_whole / sum(bond_parts):>9.2f} "
+        f"{torch_whole / sum(torch_parts):>9.2f}")
+  if not args.skip_single_jit:
+    one = ours["step (make_train_step, 1 jit)"][1]
+    print(f"{'step, make_train_step in 1 jit':<34} {one * 1e3:>9.1f} {'':>9} "
+          f"{torch_whole / one:>10.2f}")
+  print("bond: each phase is its own jit (best of the timed calls); 'whole step' = rollout jit +\n"
+        "  donated update jit, as bond/train.py runs them; no-grad = anchor on y + ref on y (the\n"
+        "  rollout's ref pass feeds only the kl/policy_ref metric). torch: phases timed inside\n"
+        "  the same eager steps (best per phase over the steps), no ref pass; sampling = 2\n"
+        "  generate calls.")
+  mfu = lambda s: flops / s / peak  # noqa: E731
+  print(f"fwd+bwd MFU (6 x {n_params / 1e6:.1f}M params x {grad_tokens} tokens = "
+        f"{flops / 1e9:.1f} GFLOP, peak {peak / 1e9:.0f} GFLOP/s): bond "
+        f"{flops / bond_parts[3] / 1e9:.0f} GFLOP/s = {mfu(bond_parts[3]):.0%}, torch "
+        f"{flops / torch_parts[3] / 1e9:.0f} GFLOP/s = {mfu(torch_parts[3]):.0%}")
+  first_two = ours["step (rollout + update jits)"][0]
+  print(f"compile (first call - steady state): bond step {first_two - bond_whole:.1f} s"
+        + (f", make_train_step {ours['step (make_train_step, 1 jit)'][0] - one:.1f} s"
+           if not args.skip_single_jit else "")
+        + (f"; torch first step - steady state {torch_result['first'] - torch_whole:.1f} s"
+           if torch_result else ""))
+  print(f"RSS GB: bond after load {ours['rss_loaded']:.2f}, peak through the timed steps "
+        f"{ours['rss_step']:.2f}, peak incl. phase benchmarks {ours['rss_peak']:.2f}"
+        + (f"; torch (child) after load {torch_result['rss_loaded']:.2f}, peak "
+           f"{torch_result['rss_peak']:.2f}" if torch_result else ""))
+  if torch_result:
+    diff = np.abs(np.asarray(torch_result["check"]) - ours["check"])
+    print(f"same weights: teacher-forced log-probs of fixed completions, bond vs torch (bf16): "
+          f"max |diff| {diff.max():.3f} over |log p| ~ {np.abs(ours['check']).mean():.1f}")
+  print(f"ratio torch/bond per whole step: {torch_whole / bond_whole:.2f}x   (total wall "
+        f"{time.perf_counter() - start:.0f} s, load average at end {os.getloadavg()[0]:.2f})")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,136 @@
+"""Backends for `gemma.Gemma`: how its matmuls and attention run, chosen by platform.
+
+The model calls one small interface, `gemma.Backend` (`dense`, `geglu`, `attention`, `logits`,
+and `prepare` for a backend's own copy of the weights); its default, `gemma.XLA`, is the plain
+XLA ops that define the model. Here:
+
+  * `CpuKernels`: the AVX512-BF16 decode kernels of `bond.models.cpu_kernels`, for a bf16 model
+    on one CPU device. `prepare` packs the matmul weights once, outside the decode loop, into the
+    `PACKED` collection; decode attention reads the bf16 KV cache in place. Constructing one
+    builds the kernels (once, cached on disk), so no model trace ever runs the compiler.
+  * `select(config, cpu_kernels)`: the backend of the sampler's decode loop. `CpuKernels` where
+    the kernels can run, else `gemma.XLA` with one log line saying why.
+
+Both compute the same numbers up to f32 summation order and bf16 rounding: the kernels round
+where the model rounds (tests/test_cpu_kernels.py checks the log-probs of the same samples under
+both backends and under the model's teacher-forced pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bond.models import cpu_kernels as kernels
+from bond.models import gemma
+
+Array = jax.Array
+
+# Variable collection of the packed weights (`pack_weights`), passed next to "params".
+PACKED = "packed"
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuKernels(gemma.Backend):
+  """The decode kernels where a weight has a packed copy or a decode step reads a bf16 cache;
+  the XLA ops elsewhere. Build-ahead: construct it outside any trace (`select` does)."""
+
+  def __post_init__(self):
+    kernels.build()
+
+  def prepare(self, params: Any) -> dict[str, Any]:
+    return {PACKED: pack_weights(params)}
+
+  def dense(self, module, name, equation, x, w, dtype):
+    if not module.has_variable(PACKED, name):
+      return super().dense(module, name, equation, x, w, dtype)
+    x_spec, w_spec = equation.split("->")[0].split(",")
+    contract = len(set(x_spec) & set(w_spec))
+    lead = x.shape[:x.ndim - contract]
+    y = kernels.matmul(x.reshape(*lead, -1).astype(dtype), module.get_variable(PACKED, name))
+    return y.reshape(*lead, *w.shape[contract:]).astype(dtype)
+
+  def geglu(self, module, name, x, w, dtype):
+    if not module.has_variable(PACKED, "gating_geglu"):
+      return super().geglu(module, name, x, w, dtype)
+    return kernels.geglu(x, module.get_variable(PACKED, "gating_geglu")).astype(dtype)
+
+  def attention(self, q, keys, values, mask, softcap, dtype, cache):
+    b, t, h, hd = q.shape
+    if t != 1 or cache is None or cache["k"].dtype != jnp.uint16:   # not a bf16 decode step
+      return super().attention(q, keys, values, mask, softcap, dtype, cache)
+    k = keys.shape[2]
+    out = kernels.decode_attention(q.reshape(b, k, h // k, hd), cache["k"], cache["v"],
+                                   mask[:, 0], softcap or 0.0)
+    return out.astype(dtype).reshape(b, t, h, hd)
+
+  def logits(self, module, x, embedding, dtype):
+    if not module.has_variable(PACKED, "input_embedding"):
+      return super().logits(module, x, embedding, dtype)
+    return kernels.matmul(x, module.get_variable(PACKED, "input_embedding"))
+
+
+# Matmul weights of a layer, as (module, param, number of leading contracted dims).
+_LAYER_MATMULS = (("attn", "q_einsum", 1), ("attn", "kv_einsum", 1), ("attn", "attn_vec_einsum", 2),
+                  ("mlp", "gating_einsum", 1), ("mlp", "linear", 1))
+
+
+def pack_weights(params: Any) -> dict[str, Any]:
+  """Packed copies of the matmul weights for `CpuKernels` (the `PACKED` collection).
+
+  Pass them next to the params, `apply({"params": p, PACKED: pack_weights(p)}, ...)` with
+  `backend=CpuKernels()`, and those matmuls run through the kernel. Weights whose shapes it
+  cannot take are left out (they keep their einsum). The tied embedding is packed transposed,
+  [D, V], for the logits; the MLP's gate/up weight is packed as "gating_geglu" for the fused
+  GeGLU kernel. Pack once, outside any decode loop: it is a full pass over the weights.
+  """
+  def packable(w, contract):
+    return kernels.supports(int(np.prod(w.shape[:contract])), int(np.prod(w.shape[contract:])))
+
+  packed: dict[str, Any] = {}
+  for layer, layer_params in params.items():
+    if not layer.startswith("layer_"):
+      continue
+    for module, name, contract in _LAYER_MATMULS:
+      w = layer_params[module][name]
+      if name == "gating_einsum" and packable(w, contract):   # [D, 2F]: 2F % 32 <=> F % 16
+        packed.setdefault(layer, {}).setdefault(module, {})["gating_geglu"] = (
+            kernels.pack_geglu(w))
+      elif packable(w, contract):
+        packed.setdefault(layer, {}).setdefault(module, {})[name] = kernels.pack(w, contract)
+  embedding_t = params["input_embedding"].T
+  if packable(embedding_t, 1):
+    packed["input_embedding"] = kernels.pack(embedding_t)
+  return packed
+
+
+@functools.cache
+def _log_once(why: str) -> None:
+  """One line per reason and process; a warning if the kernels should have run but failed."""
+  log = logging.warning if why.startswith(kernels.BUILD_FAILED) else logging.info
+  log("bond.models.backends: decoding with XLA ops, not the CPU kernels: %s", why)
+
+
+def select(config: gemma.GemmaConfig, cpu_kernels: bool | None = None) -> gemma.Backend:
+  """The decode loop's backend: `CpuKernels` if `cpu_kernels` is not False and the kernels can
+  run here (a bf16 model on one CPU device with avx512_bf16; built here, before any model is
+  traced), else `gemma.XLA`, logging why once. `cpu_kernels=True` raises where they cannot."""
+  if cpu_kernels is False:
+    return gemma.XLA
+  if jnp.dtype(config.dtype) != jnp.bfloat16:
+    why = f"the model computes in {jnp.dtype(config.dtype).name}, the kernels are bf16-only"
+  else:
+    why = kernels.unavailable_reason()
+  if why is None:
+    return CpuKernels()
+  if cpu_kernels:
+    raise ValueError("cpu_kernels=True needs config.dtype=bfloat16 on a single CPU device with "
+                     f"avx512_bf16 and a C++ compiler (see bond.models.cpu_kernels); here {why}")
+  _log_once(why)
+  return gemma.XLA
