@@ -16,7 +16,7 @@ from configs import toy_baselines, toy_jbond
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 # notebook -> figures it must draw
-FIGURES = {"bon_theory": 3, "analyze_run": 4, "compare_methods": 2}
+FIGURES = {"bon_theory": 3, "analyze_run": 4, "compare_methods": 3}
 STEPS = 6
 
 
