@@ -72,6 +72,10 @@ def plot_run(records: list[dict], out_dir: str, curve: dict | None = None,
       for n, a, b in zip(points["n"], points[x], points[y]):
         ax.annotate(f"N={n:g}", (a, b), fontsize=7, color="tab:red")
 
+  def new_axes():
+    fig = Figure(figsize=(5.5, 4))
+    return fig, fig.subplots()
+
   def save(fig, name):
     for ax in fig.axes:
       if ax.get_legend_handles_labels()[0]:
@@ -82,8 +86,7 @@ def plot_run(records: list[dict], out_dir: str, curve: dict | None = None,
   def series(key):
     return [(r["step"], r[key]) for r in records if r.get(key) is not None]
 
-  fig = Figure(figsize=(5.5, 4))
-  ax = fig.subplots()
+  fig, ax = new_axes()
   if series("exact/kl_to_ref"):
     rows = [r for r in records if "exact/kl_to_ref" in r]
     ax.plot(col(rows, "exact/kl_to_ref"), col(rows, "exact/reward"), "o-", ms=3,
@@ -102,8 +105,7 @@ def plot_run(records: list[dict], out_dir: str, curve: dict | None = None,
   ax.set_title("reward vs KL")
   save(fig, "reward_vs_kl.png")
 
-  fig = Figure(figsize=(5.5, 4))
-  ax = fig.subplots()
+  fig, ax = new_axes()
   drew = False
   for key in ("exact/fwd_kl_to_bon", "exact/bwd_kl_to_bon", "exact/fwd_kl_to_bon_n",
               "exact/bwd_kl_to_bon_n", "loss"):
@@ -119,8 +121,7 @@ def plot_run(records: list[dict], out_dir: str, curve: dict | None = None,
 
   def versus(x, y, px, py, xlabel, title, name):
     """The run's sampled (x, y) trajectory next to the sampled Best-of-N points (px, py)."""
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.subplots()
+    fig, ax = new_axes()
     sampled(ax, x, y)
     bon_points(ax, px, py)
     ax.set_xlabel(xlabel)
@@ -133,8 +134,7 @@ def plot_run(records: list[dict], out_dir: str, curve: dict | None = None,
   versus("eval/length", "eval/win_rate", "mean_length", "win_rate", "completion length (tokens)",
          "win rate vs length (held-out prompts)", "length_vs_win_rate.png")
 
-  fig = Figure(figsize=(5.5, 4))
-  ax = fig.subplots()
+  fig, ax = new_axes()
   steps = col(evals, "step")
   ax.errorbar(steps, col(evals, "eval/log_quantile"), yerr=col(evals, "eval/log_quantile_se"),
               fmt="s-", ms=3, capsize=2, label="policy samples")
@@ -147,8 +147,7 @@ def plot_run(records: list[dict], out_dir: str, curve: dict | None = None,
   ax.set_title("Best-of-N log-quantile")
   save(fig, "log_quantile.png")
 
-  fig = Figure(figsize=(5.5, 4))
-  ax = fig.subplots()
+  fig, ax = new_axes()
   for key in ("eval/bwd_kl_to_bon", "eval/fwd_kl_to_bon", "eval/bwd_kl_to_bon_n",
               "eval/fwd_kl_to_bon_n"):
     if key in evals[0]:

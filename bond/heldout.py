@@ -131,14 +131,14 @@ class Evaluator:
 
   # --- chunked drivers ------------------------------------------------------------------
 
-  def _prompt_chunk(self, lo, hi):
-    return {k: jnp.asarray(_pad_rows(v[lo:hi], self.chunk)) for k, v in self.prompts.items()}
+  def _prompt_chunk(self, lo, hi, size):
+    return {k: jnp.asarray(_pad_rows(v[lo:hi], size)) for k, v in self.prompts.items()}
 
   def _sample(self, params, rng, n) -> dict[str, np.ndarray]:
     """tokens, mask [E, n, T], rewards, logp, lengths [E, n] for all evaluation prompts."""
     parts = []
     for i, (lo, hi) in enumerate(_chunks(self.num_prompts, self.chunk)):
-      prompts = self._prompt_chunk(lo, hi)
+      prompts = self._prompt_chunk(lo, hi, self.chunk)
       tokens, mask, logp = self._draw(params, prompts, jax.random.fold_in(rng, i), n)
       rewards = self._reward(prompts, tokens, mask)
       parts.append({k: np.asarray(v)[:hi - lo] for k, v in
@@ -153,7 +153,7 @@ class Evaluator:
     per_call = max(1, min(self.chunk, self.config.eval.chunk_rows // n))
     out = []
     for lo, hi in _chunks(self.num_prompts, per_call):
-      prompts = {k: jnp.asarray(_pad_rows(v[lo:hi], per_call)) for k, v in self.prompts.items()}
+      prompts = self._prompt_chunk(lo, hi, per_call)
       lp = self._score(params, prompts, jnp.asarray(_pad_rows(tokens[lo:hi], per_call)),
                        jnp.asarray(_pad_rows(mask[lo:hi], per_call)))
       out.append(np.asarray(lp)[:hi - lo])
