@@ -25,7 +25,9 @@ import re
 import ml_collections
 
 from bond import defaults
+from bond import lora as lora_lib
 from bond import steps
+from bond import toy
 from bond.models import presets
 
 CHOICES = {
@@ -113,6 +115,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
     raise ValueError("eval.policy must be 'policy' or 'bon:N' with an integer N >= 1 (e.g. "
                      f"'bon:8'), got {config.eval.policy!r}")
 
+  _check_lora(config)
   b = config.bond
   if b.objective in steps.ONLINE:
     for key, (required, allowed) in ONLINE_SAMPLING.items():
@@ -124,7 +127,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   if b.objective in ("bond_bwd", "bond_jeffreys", "reinforce") and b.num_policy_samples < 2:
     raise ValueError("bond.num_policy_samples must be >= 2 for the leave-one-out baseline of "
                      f"{b.objective}, got {b.num_policy_samples}")
-  if b.anchor == "ema" and config.model.param_dtype == "bfloat16":
+  if b.anchor == "ema" and config.model.param_dtype == "bfloat16" and config.model.lora.rank == 0:
     raise ValueError(
         "model.param_dtype must be 'float32' with bond.anchor='ema', got 'bfloat16': the EMA "
         f"update θa ← (1−η)·θa + η·θ (η = bond.eta = {b.eta}) rounds away in bfloat16 anchor "
@@ -152,6 +155,24 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   if check_files:
     _check_files(config)
     _check_preset_matches_checkpoint(config)
+
+
+def _check_lora(config: ml_collections.ConfigDict) -> None:
+  """model.lora: rank, alpha, base dtype; targets against the preset's layers when it is known
+  before loading (toy, or a named preset); otherwise `train.build` resolves them on the model."""
+  lora_lib.check_config(config.model.lora)
+  if config.model.lora.rank == 0:
+    if config.train.export_adapters:
+      raise ValueError("train.export_adapters=True needs model.lora.rank > 0 (no adapters "
+                       "without LoRA); train.export_hf writes the full model")
+    return
+  if config.model.preset == "toy":
+    num_layers = toy.NUM_LAYERS
+  elif config.model.preset in presets.names():
+    num_layers = presets.get(config.model.preset).num_layers
+  else:
+    return
+  lora_lib.resolve_targets(config.model.lora.targets, num_layers)
 
 
 def _check_preset(config: ml_collections.ConfigDict) -> None:

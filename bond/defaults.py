@@ -29,6 +29,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"   # parameter dtype: float32 | bfloat16 (not with bond.anchor=ema)
   c.model.remat = False
   c.model.init_seed = 0             # seed of the random init (ignored with a checkpoint)
+  # LoRA / QLoRA (bond/lora.py): policy and anchor are adapters on one frozen base, which is also
+  # the reference. rank 0 = off (full fine-tuning).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0             # adapter rank r, >= 0
+  c.model.lora.alpha = 16.0         # > 0; the adapters' delta is (alpha / rank)·A·B
+  c.model.lora.targets = "attn,mlp"  # comma list: q,k,v,o,gate,up,down | attn | mlp | all | a regex
+  #                                   matched in full against 'layer_{i}/NAME' (e.g. 'layer_0/q')
+  c.model.lora.base_dtype = ""      # stored frozen base: '' (= model.param_dtype) | float32
+  #                                   | bfloat16 | int8 (QLoRA: per-channel int8, dequantized
+  #                                   to model.dtype on use)
 
   c.task = ml_collections.ConfigDict()   # the exact toy harness (bond.toy.make_task)
   c.task.num_prompts = 4
@@ -105,6 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.seed = 0
   c.train.export_hf = False         # write the final policy as an HF directory in workdir/hf
+  #                                   (with LoRA: the base with the adapters merged in)
+  c.train.export_adapters = False   # LoRA: also write the adapters alone, PEFT format, in
+  #                                   workdir/adapters
   c.train.compilation_cache = "~/.cache/bond/jax"   # JAX's persistent compilation cache for
   #                                   `python -m bond.main` (reruns skip compiling); '' disables it
 

@@ -117,24 +117,24 @@ def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn
   def offline(state, batch):
     pairs = Samples(jnp.stack([batch["chosen_tokens"], batch["rejected_tokens"]], axis=1),
                     jnp.stack([batch["chosen_mask"], batch["rejected_mask"]], axis=1))
-    ref = logp(state.ref_params, batch, pairs)                                   # [B, 2]
+    ref = logp(state.reference(), batch, pairs)                                   # [B, 2]
     chosen, rejected = (Samples(pairs.tokens[:, i:i + 1], pairs.mask[:, i:i + 1],
                                 ref_logp=ref[:, i:i + 1]) for i in (0, 1))
     return Rollout(batch["prompt_tokens"], batch["prompt_mask"], chosen=chosen, rejected=rejected)
 
   def online(state, batch, rng):
     rng_anchor, rng_policy = jax.random.split(rng)
-    anchor = draw(state.anchor_params, batch, rng_anchor, num_anchor) if num_anchor else None
-    policy = draw(state.params, batch, rng_policy, num_policy)
+    anchor = draw(state.anchor(), batch, rng_anchor, num_anchor) if num_anchor else None
+    policy = draw(state.policy(), batch, rng_policy, num_policy)
     both = policy if anchor is None else anchor.concat(policy)
     r = rewards(batch, both)
     if anchor is not None:
       anchor = anchor.replace(rewards=r[:, :num_anchor])
-    policy = policy.replace(rewards=r[:, num_anchor:], ref_logp=logp(state.ref_params, batch, policy))
+    policy = policy.replace(rewards=r[:, num_anchor:], ref_logp=logp(state.reference(), batch, policy))
     if algorithm.policy_anchor_logp:
       # A fixed anchor is π_ref itself (same params): its log-probs are already there.
       policy = policy.replace(anchor_logp=policy.ref_logp if bc.anchor == "fixed"
-                              else logp(state.anchor_params, batch, policy))
+                              else logp(state.anchor(), batch, policy))
     return Rollout(batch["prompt_tokens"], batch["prompt_mask"], policy=policy, anchor=anchor)
 
   def rollout_fn(state, batch: dict[str, Array], rng: Array | None = None) -> Rollout:

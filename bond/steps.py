@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from bond import anchor as anchor_lib
+from bond import lora as lora_lib
 from bond import objectives
 from bond import rollout as rollout_lib
 from bond.models import gemma
@@ -36,12 +37,28 @@ OFFLINE = tuple(k for k, a in objectives.OBJECTIVES.items() if a.offline)
 
 @flax.struct.dataclass
 class TrainState:
+  """What a step changes. Full fine-tuning: params, anchor_params and ref_params are model
+  params. LoRA (`lora` set): params and anchor_params are adapters and ref_params is the one
+  frozen base; `policy()`, `anchor()` and `reference()` are the model params either way."""
+
   step: jax.Array
   params: Params
   opt_state: Any
   anchor_params: Params
   ref_params: Params
   rng: jax.Array
+  lora: lora_lib.Spec | None = flax.struct.field(pytree_node=False, default=None)
+
+  def policy(self) -> Params:
+    return self.params if self.lora is None else lora_lib.merge(self.lora, self.ref_params,
+                                                                self.params)
+
+  def anchor(self) -> Params:
+    return self.anchor_params if self.lora is None else lora_lib.merge(
+        self.lora, self.ref_params, self.anchor_params)
+
+  def reference(self) -> Params:
+    return lora_lib.reference(self.lora, self.ref_params)
 
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
@@ -60,21 +77,34 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int,
-               ref_params: Params | None = None) -> TrainState:
+               ref_params: Params | None = None, lora: lora_lib.Spec | None = None) -> TrainState:
+  """Full fine-tuning: policy and anchor start at `params`, the reference is `ref_params`
+  (default `params`). With `lora`: `params` are the model's params, made into the frozen base
+  (`lora_lib.make_base`, stored once); policy and anchor adapters start equal (B = 0)."""
   # Separate buffers: the step donates its state, and params/anchor/ref are updated apart.
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+  if lora is not None:
+    if ref_params is not None:
+      raise ValueError("with LoRA the reference is the frozen base itself: pass no ref_params")
+    base = lora_lib.make_base(lora, params)
+    adapters = lora_lib.init_adapters(lora, base, jax.random.PRNGKey(seed + 1))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=adapters,
+                      opt_state=optimizer.init(adapters), anchor_params=copy(adapters),
+                      ref_params=base, rng=jax.random.PRNGKey(seed), lora=lora)
   ref_params = copy(params if ref_params is None else ref_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=copy(params),
                     opt_state=optimizer.init(params), anchor_params=copy(ref_params),
                     ref_params=ref_params, rng=jax.random.PRNGKey(seed))
 
 
-def make_loss_fn(config, model_config: gemma.GemmaConfig):
-  """`loss_fn(params, rollout) -> (loss, metrics)`: the registered loss of config.bond.objective."""
+def make_loss_fn(config, model_config: gemma.GemmaConfig, lora: lora_lib.Spec | None = None):
+  """`loss_fn(params, rollout, base=None) -> (loss, metrics)`: the registered loss of
+  config.bond.objective. With `lora`, params are adapters on the frozen `base` (no gradient)."""
   algorithm = objectives.get_objective(config.bond.objective)
 
-  def loss_fn(params: Params, rollout: rollout_lib.Rollout):
+  def loss_fn(params: Params, rollout: rollout_lib.Rollout, base: Params = None):
     def logp(p, samples):
+      p = p if lora is None else lora_lib.merge(lora, base, p)
       return rollout_lib.completion_log_probs(model_config, p, rollout.prompt_tokens,
                                               rollout.prompt_mask, samples.tokens, samples.mask)
     return algorithm.loss(params, rollout, config.bond, logp)
@@ -86,10 +116,11 @@ def make_update_fn(config, model_config: gemma.GemmaConfig,
                    optimizer: optax.GradientTransformation):
   """`update_fn(state, rollout) -> (state, metrics)`: grads of the loss, optax, anchor rule."""
   bc = config.bond
-  loss_fn = make_loss_fn(config, model_config)
 
   def update_fn(state: TrainState, rollout: rollout_lib.Rollout):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, rollout)
+    loss_fn = make_loss_fn(config, model_config, state.lora)
+    base = None if state.lora is None else jax.lax.stop_gradient(state.ref_params)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, rollout, base)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1

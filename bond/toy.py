@@ -111,9 +111,12 @@ def make_task(num_prompts: int = 4, num_content_tokens: int = 4, completion_len:
   return ToyTask(prompts, completions, mask, rewards, lengths, vocab_size=c + 1, use_eos=use_eos)
 
 
+NUM_LAYERS = 2   # of the toy Gemma (`model_config`)
+
+
 def model_config(task: ToyTask, **overrides) -> gemma.GemmaConfig:
   """A tiny Gemma over the toy vocabulary (2 layers, D = 32); overrides replace fields."""
-  kw = dict(vocab_size=task.vocab_size, num_layers=2, embed_dim=32, hidden_dim=64, num_heads=2,
+  kw = dict(vocab_size=task.vocab_size, num_layers=NUM_LAYERS, embed_dim=32, hidden_dim=64, num_heads=2,
             num_kv_heads=1, head_dim=16, eos_id=task.eos_id, pad_id=task.pad_id, bos_id=NO_BOS)
   kw.update(overrides)
   return gemma.GemmaConfig(**kw)

@@ -33,6 +33,7 @@ from bond import config as config_lib
 from bond import data as data_lib
 from bond import evaluate
 from bond import heldout
+from bond import lora as lora_lib
 from bond import rollout as rollout_lib
 from bond import sharding
 from bond import steps
@@ -53,6 +54,7 @@ class Experiment:
   task: toy.ToyTask | None = None
   tokenizer: Any = None
   eval_prompts: dict[str, np.ndarray] | None = None   # held-out [E, P] (eval.sampled)
+  base_id: dict | None = None    # LoRA: the frozen base's identity (checkpoint meta "base")
 
 
 def _model_dtypes(config) -> dict:
@@ -69,9 +71,10 @@ def load_model(config, task: toy.ToyTask | None):
     if path == "gemma3_270m":
       from bond import assets
       path = assets.gemma3_270m_gguf_path()
-    model_config, params = (convert.from_gguf(path) if path.endswith(".gguf")
-                            else convert.from_hf(path))
-    model_config = model_config.replace(**_model_dtypes(config))
+    dtypes = _model_dtypes(config)
+    load = convert.from_gguf if path.endswith(".gguf") else convert.from_hf
+    model_config, params = load(path, dtype=dtypes["dtype"], param_dtype=dtypes["param_dtype"])
+    model_config = model_config.replace(**dtypes)
     dtype = model_config.param_dtype
     return model_config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   if mc.preset == "toy":
@@ -303,20 +306,71 @@ def _config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[
 
 
 def _setup(config):
-  """(experiment, mesh, optimizer, initial TrainState placed with its shardings, the shardings)."""
+  """(experiment, mesh, optimizer, initial TrainState placed with its shardings, the shardings).
+
+  With LoRA the state holds the frozen base (sharded like the params) and replicated adapters;
+  `exp.params` is then dropped (the state's base is the model) and `exp.base_id` identifies it.
+  """
   exp = build(config, held_out=config.eval.sampled)
+  spec = lora_lib.spec_from_config(config, exp.model_config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   optimizer = steps.make_optimizer(config.optim)
   param_sh = sharding.param_shardings(exp.model_config, mesh)
+  if spec is not None:
+    exp.base_id = {"model": config.model.checkpoint or
+                   f"preset={config.model.preset} init_seed={config.model.init_seed}",
+                   "fingerprint": lora_lib.fingerprint(exp.params)}
   params = jax.device_put(exp.params, param_sh)
-  state = steps.init_state(params, optimizer, config.train.seed)
-  abstract = jax.eval_shape(lambda s: s, state)
-  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, param_sh,
-                                 transform_non_params=lambda _: sharding.replicated(mesh))
-  state_sh = steps.TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh,
-                              anchor_params=param_sh, ref_params=param_sh,
-                              rng=sharding.replicated(mesh))
+  state = steps.init_state(params, optimizer, config.train.seed, lora=spec)
+  del params
+  if spec is not None:
+    exp.params = None
+  state_sh = state_shardings(state, optimizer, mesh, param_sh)
   return exp, mesh, optimizer, jax.device_put(state, state_sh), state_sh
+
+
+def state_shardings(state: steps.TrainState, optimizer, mesh, param_sh) -> steps.TrainState:
+  """The shardings of a TrainState: model params (and a LoRA base) follow `param_sh`, the
+  optimizer state follows what it tracks, LoRA adapters and scalars are replicated."""
+  rep = sharding.replicated(mesh)
+  abstract = jax.eval_shape(lambda s: s, state)
+  if state.lora is None:
+    trained_sh = ref_sh = param_sh
+  else:
+    trained_sh = jax.tree.map(lambda _: rep, abstract.params)
+    ref_sh = lora_lib.base_shardings(abstract.ref_params, param_sh, rep)
+  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, trained_sh,
+                                 transform_non_params=lambda _: rep)
+  return steps.TrainState(step=rep, params=trained_sh, opt_state=opt_sh, anchor_params=trained_sh,
+                          ref_params=ref_sh, rng=rep, lora=state.lora)
+
+
+def _saved(state: steps.TrainState) -> dict:
+  """What a checkpoint holds: the whole state, or with LoRA everything but the frozen base."""
+  fields = ("step", "params", "opt_state", "anchor_params", "rng")
+  if state.lora is None:
+    fields += ("ref_params",)
+  return {f: getattr(state, f) for f in fields}
+
+
+def _restore(checkpointer: ckpt_lib.Checkpointer, state: steps.TrainState, step: int,
+             base_id: dict | None) -> tuple[steps.TrainState, dict]:
+  """Restores `step` into `state`; with LoRA, first checks the checkpoint's base is this one."""
+  saved_base = checkpointer.meta(step).get("base")
+  if base_id != saved_base:
+    raise ValueError(
+        f"checkpoint step {step} in {checkpointer.directory} was trained on base "
+        f"{(saved_base or {}).get('model', 'none (full fine-tuning)')!r} "
+        f"(fingerprint {(saved_base or {}).get('fingerprint', '-')[:12]}), this run's is "
+        f"{(base_id or {}).get('model', 'none (full fine-tuning)')!r} "
+        f"(fingerprint {(base_id or {}).get('fingerprint', '-')[:12]}): resume with the same "
+        "model.checkpoint/preset and model.lora, or use a new workdir")
+  restored, meta = checkpointer.restore(_saved(state), step)
+  return state.replace(**restored), meta
+
+
+def _meta(exp: Experiment, **meta) -> dict:
+  return meta if exp.base_id is None else dict(meta, base=exp.base_id)
 
 
 def _evaluator(config, exp: Experiment, state, workdir: epath.Path):
@@ -329,13 +383,13 @@ def _evaluator(config, exp: Experiment, state, workdir: epath.Path):
     return None
   evaluator = heldout.Evaluator(config, exp.model_config, exp.reward_fn, exp.eval_prompts,
                                 exp.tokenizer)
-  evaluator.load_or_draw_cache(state.ref_params, workdir / "eval")
+  evaluator.load_or_draw_cache(state.reference(), workdir / "eval")
   return evaluator
 
 
 def _evaluate(evaluator, config, state, step: int, workdir: epath.Path, writer) -> dict:
   """eval/* metrics at `step`; the sample table goes to workdir/samples and TensorBoard."""
-  metrics, records = evaluator(state.params, state.ref_params, heldout.eval_rng(config, step))
+  metrics, records = evaluator(state.policy(), state.reference(), heldout.eval_rng(config, step))
   if jax.process_index() == 0:
     heldout.write_samples(workdir / "samples", step, records)
     if writer is not None:
@@ -372,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:  # printed before restoring, which fails if the model or optimizer changed
       for change in _config_changes(saved_config, config):
         print(f"config differs from the checkpoint's: {change}")
-    state, meta = checkpointer.restore(state, latest)
+    state, meta = _restore(checkpointer, state, latest, exp.base_id)
     start = int(meta["data_step"])
     if is_main:
       print(f"resumed from step {start} in {workdir}")
@@ -399,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exact_fn = None
   if exp.task is not None:
     task = exp.task
-    ref_lp = toy.policy_log_probs(mc, exp.params, task)
+    ref_lp = toy.policy_log_probs(mc, state.reference(), task)
     n_target = config.bond.n if config.bond.objective not in ("jbond", "reinforce") else None
     if config.bond.anchor != "fixed":
       n_target = None
@@ -436,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if log:
         record = {"step": done, **_to_float(metrics)}
         if exact_fn is not None and evaluate_now:
-          record.update(_to_float(exact_fn(state.params)))
+          record.update(_to_float(exact_fn(state.policy())))
         if evaluator is not None and evaluate_now:
           t_eval = time.time()
           record.update(_evaluate(evaluator, config, state, done, workdir, writer))
@@ -446,7 +500,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_main:
           _publish(record, metrics_log, writer, bar)
       if save:
-        checkpointer.save(done, state, {"data_step": done, "config": config.to_json()})
+        checkpointer.save(done, _saved(state),
+                          _meta(exp, data_step=done, config=config.to_json()))
       if preempted:
         if is_main:
           print(f"SIGTERM: checkpoint written at step {done}; exiting")
@@ -462,11 +517,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Params may be sharded across hosts: every process joins this gather (a collective), then
     # only process 0 writes. Only what `_finish` reads is gathered.
     host = multihost_utils.process_allgather(
-        {"ref": state.ref_params if exp.task is not None else None,
-         "params": state.params if config.train.export_hf else None}, tiled=True)
+        {"ref": state.reference() if exp.task is not None else None,
+         "params": state.policy() if config.train.export_hf else None,
+         "adapters": state.params if config.train.export_adapters else None}, tiled=True)
     if is_main:
       points = None if evaluator is None else evaluator.reference_points()
       _finish(config, workdir, exp, host["ref"], host["params"], metrics_log.records, points)
+      if config.train.export_adapters:
+        with _local_dir(workdir / "adapters") as out:
+          lora_lib.save_adapters(state.lora, host["adapters"], out, exp.base_id)
+        print(f"adapters: {workdir / 'adapters'}")
   return last
 
 
@@ -530,15 +590,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   config.eval.sampled = True
   exp, _, _, state, _ = _setup(config)
   if checkpointer is not None:
-    state, _ = checkpointer.restore(state, step)
+    state, _ = _restore(checkpointer, state, step, exp.base_id)
     checkpointer.close()
   evaluator = _evaluator(config, exp, state, workdir)
   record = {"step": step, "checkpoint": checkpoint or "latest",
             **_evaluate(evaluator, config, state, step, workdir, None)}
   if exp.task is not None:
-    ref_lp = toy.policy_log_probs(exp.model_config, state.ref_params, exp.task)
+    ref_lp = toy.policy_log_probs(exp.model_config, state.reference(), exp.task)
     record.update(_to_float(toy.exact_metrics(
-        exp.task, toy.policy_log_probs(exp.model_config, state.params, exp.task), ref_lp,
+        exp.task, toy.policy_log_probs(exp.model_config, state.policy(), exp.task), ref_lp,
         n=heldout.target_n(config))))
   points = evaluator.reference_points()
   (workdir / "eval").mkdir(parents=True, exist_ok=True)

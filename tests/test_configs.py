@@ -38,13 +38,14 @@ def load(name, arg=None):
 def test_every_config_file_is_covered():
   expected = {"default", "toy_jbond", "toy_bond", "toy_iterative", "toy_bonbon", "toy_baselines",
               "xsum_bond", "gemma_jbond", "hh_bonbon", "rm_bt", "gemma3_270m_jbond",
-              "gemma3_270m_reinforce", "gemma3_270m_bonbon"}
+              "gemma3_270m_reinforce", "gemma3_270m_bonbon", "toy_jbond_lora",
+              "gemma3_270m_jbond_lora", "gemma_jbond_lora"}
   assert expected <= set(NAMES)
 
 
 # Configs whose files are placeholders to set, or made by another command: full validation
 # fails naming the key and the path (see test_placeholder_paths_fail_at_start_up).
-NEEDS_FILES = {"gemma_jbond": "data.path", "hh_bonbon": "data.path", "rm_bt": "data.path",
+NEEDS_FILES = {"gemma_jbond": "data.path", "gemma_jbond_lora": "data.path", "hh_bonbon": "data.path", "rm_bt": "data.path",
                "xsum_bond": "model.checkpoint", "gemma3_270m_bonbon": "data.path"}
 
 

@@ -30,20 +30,21 @@ TOL = 1e-5
 RUN_TIMEOUT_S = 300
 
 
-def run_one_process(workdir, num_steps: int) -> str:
+def run_one_process(workdir, num_steps: int, *extra: str) -> str:
   """The reference: `python -m bond.main` on one process with DEVICES CPU devices."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("BOND_")}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
   proc = subprocess.run(local.main_command([*FLAGS, f"--workdir={workdir}",
-                                            f"--config.train.num_steps={num_steps}"]),
+                                            f"--config.train.num_steps={num_steps}", *extra]),
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout + proc.stderr
 
 
-def run_two_processes(workdir, num_steps: int) -> str:
+def run_two_processes(workdir, num_steps: int, *extra: str) -> str:
   out = io.StringIO()
-  code = local.launch([*FLAGS, f"--workdir={workdir}", f"--config.train.num_steps={num_steps}"],
+  code = local.launch([*FLAGS, f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
+                       *extra],
                       num_processes=2, devices_per_process=DEVICES // 2,
                       timeout_s=RUN_TIMEOUT_S, out=out, cwd=REPO)
   assert code == 0, out.getvalue()[-5000:]
@@ -118,6 +119,25 @@ def test_checkpoints_restore_across_process_counts(runs, tmp_path):
   assert int(a["step"]) == int(b["step"]) == more
   assert max_abs_diff(a["params"], load_state(from_two, STEPS)["params"]) > 100 * TOL
   for key in ("params", "opt_state", "anchor_params"):
+    assert max_abs_diff(a[key], b[key]) <= TOL, key
+
+
+LORA = ("--config.model.lora.rank=4", "--config.model.lora.targets=embed,attn,mlp",
+        "--config.optim.lr=5e-3")
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_lora(tmp_path):
+  """LoRA: replicated adapters on a sharded frozen base; the checkpoint holds no base."""
+  one, two = tmp_path / "one", tmp_path / "two"
+  run_one_process(one, STEPS, *LORA)
+  run_two_processes(two, STEPS, *LORA)
+  a, b = load_state(one, STEPS), load_state(two, STEPS)
+  assert "ref_params" not in a and "ref_params" not in b
+  moved = max(float(np.max(np.abs(x["b"]))) for layer in a["params"].values()
+              for x in layer.values())
+  assert moved > 100 * TOL, f"adapters barely moved ({moved})"
+  for key in ("params", "opt_state", "anchor_params", "rng"):
     assert max_abs_diff(a[key], b[key]) <= TOL, key
 
 

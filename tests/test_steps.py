@@ -24,7 +24,7 @@ import optax
 import pytest
 
 from bond import data as data_lib
-from bond import sharding, steps, toy, train
+from bond import lora, sharding, steps, toy, train
 from configs import toy_jbond
 
 SWAP_EVERY = 2
@@ -59,7 +59,8 @@ class Runner:
                                               self.optimizer))
 
   def init(self) -> steps.TrainState:
-    return steps.init_state(self.exp.params, self.optimizer, self.config.train.seed)
+    return steps.init_state(self.exp.params, self.optimizer, self.config.train.seed,
+                            lora=lora.spec_from_config(self.config, self.exp.model_config))
 
   def batch(self, i: int) -> dict:
     return data_lib.get_batch(self.exp.table, i, self.config.data.batch_size,
@@ -99,6 +100,7 @@ SHARDING_CASES = [  # (objective, (data, fsdp, tensor)); online steps are the co
     ("jbond", (2, 2, 2)),
     ("bonbon", (8, 1, 1)),
     ("bonbon", (1, 4, 2)),
+    ("jbond+lora", (2, 2, 2)),   # LoRA: sharded frozen base, replicated adapters
 ]
 SHARDING_STEPS = 3
 # Adam turns a gradient g into lr·g/(|g|+ε): entries with |g| near float noise move by O(lr)
@@ -110,20 +112,19 @@ SHARDING_TOL = 1e-5
 
 def _sharded_params(objective: str, mesh_shape, devices) -> tuple:
   """Params after SHARDING_STEPS jitted steps with train.py's in/out shardings on `devices`."""
+  objective, _, with_lora = objective.partition("+")
   config = canonical_config(objective)
   config.optim.update(lr=SHARDING_LR, warmup_steps=0)
   config.bond.update(anchor="ema", eta=0.1)
   config.data.batch_size = 16
+  if with_lora:
+    config.model.lora.update(rank=4, targets="embed,all")
   runner = Runner(config)
   mesh = sharding.make_mesh(*mesh_shape, devices=devices)
   param_sh = sharding.param_shardings(runner.exp.model_config, mesh)
   state = runner.init()
-  opt_sh = optax.tree_map_params(runner.optimizer, lambda _, s: s,
-                                 jax.eval_shape(lambda s: s, state).opt_state, param_sh,
-                                 transform_non_params=lambda _: sharding.replicated(mesh))
-  state_sh = steps.TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh,
-                              anchor_params=param_sh, ref_params=param_sh,
-                              rng=sharding.replicated(mesh))
+  initial = jax.device_get(state.params)
+  state_sh = train.state_shardings(state, runner.optimizer, mesh, param_sh)
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in runner.exp.table.columns.items()}
   step = jax.jit(steps.make_train_step(config, runner.exp.model_config, runner.exp.reward_fn,
                                        runner.optimizer),
@@ -131,9 +132,9 @@ def _sharded_params(objective: str, mesh_shape, devices) -> tuple:
   state = jax.device_put(state, state_sh)
   for i in range(SHARDING_STEPS):
     state, _ = step(state, sharding.to_global_batch(runner.batch(i), mesh))
-  sharded_leaves = sum(not leaf.sharding.is_fully_replicated
-                       for leaf in jax.tree.leaves(state.params))
-  moved = max_abs_diff(jax.device_get(state.params), runner.exp.params)
+  sharded_leaves = sum(not leaf.sharding.is_fully_replicated     # (LoRA: the frozen base)
+                       for leaf in jax.tree.leaves(state.ref_params if with_lora else state.params))
+  moved = max_abs_diff(jax.device_get(state.params), initial)
   return jax.device_get(state.params), jax.device_get(state.anchor_params), sharded_leaves, moved
 
 

@@ -233,21 +233,24 @@ def _pre_ffw_norm_name(config: GemmaConfig) -> str:
   return "pre_feedforward_layernorm" if config.use_post_norms else "post_attention_layernorm"
 
 
-def params_from_torch_layout(config: GemmaConfig, get: Callable[[str], np.ndarray]) -> Params:
+def params_from_torch_layout(config: GemmaConfig, get: Callable[[str], np.ndarray],
+                            shape_of: Callable[[str], tuple] | None = None) -> Params:
   """Our param tree from HF-named torch-layout tensors; `get(name)` takes names of `hf_shapes`.
 
   Checks every tensor first and raises one error naming all missing tensors, or the first
-  tensor whose shape is wrong (expected vs got).
+  tensor whose shape is wrong (expected vs got). With `shape_of(name)` the check reads shapes
+  only and `get` runs once per tensor as its layer is built (e.g. dequantizing on demand); each
+  layer becomes `param_dtype` arrays at once, so the loader holds about one copy of the model.
   """
   shapes = hf_shapes(config)
-  tensors, missing = {}, []
+  shape_of = shape_of or (lambda name: get(name).shape)   # noqa: E731
+  missing = []
   for name, shape in shapes.items():
     try:
-      tensors[name] = get(name)
+      got = tuple(int(x) for x in shape_of(name))
     except KeyError:
       missing.append(name)
       continue
-    got = tuple(tensors[name].shape)
     rows_ok = name == "embed_tokens.weight" and got[1:] == shape[1:] and got[0] >= shape[0]
     if got != shape and not rows_ok:
       raise ValueError(f"tensor {name!r} has shape {got}, expected {shape} for {config}")
@@ -256,10 +259,14 @@ def params_from_torch_layout(config: GemmaConfig, get: Callable[[str], np.ndarra
 
   d, h, k, hd = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
   norm = lambda w: {"scale": w}                                       # noqa: E731
-  params = {"input_embedding": tensors["embed_tokens.weight"][:config.vocab_size],
-            "final_norm": norm(tensors["norm.weight"])}
+  # Cast on the host first: a device f32 copy of a 262k-row embedding is 0.7 GB more at peak.
+  host_dtype = jnp.dtype(config.param_dtype)
+  to_jax = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jnp.asarray(np.asarray(x, dtype=host_dtype)), tree)
+  params = {"input_embedding": to_jax(get("embed_tokens.weight")[:config.vocab_size]),
+            "final_norm": to_jax(norm(get("norm.weight")))}
   for i in range(config.num_layers):
-    t = {name: tensors[f"layers.{i}.{name}.weight"] for name in _layer_names(config)}
+    t = {name: get(f"layers.{i}.{name}.weight") for name in _layer_names(config)}
     attn = {
         "q_einsum": t["self_attn.q_proj"].T.reshape(d, h, hd),
         "kv_einsum": np.stack([t["self_attn.k_proj"].T.reshape(d, k, hd),
@@ -278,8 +285,9 @@ def params_from_torch_layout(config: GemmaConfig, get: Callable[[str], np.ndarra
     if config.use_post_norms:
       layer.update(post_attention_norm=norm(t["post_attention_layernorm"]),
                    post_ffw_norm=norm(t["post_feedforward_layernorm"]))
-    params[f"layer_{i}"] = layer
-  return jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params)
+    params[f"layer_{i}"] = to_jax(layer)
+    del t, layer, attn
+  return params
 
 
 def params_to_torch_layout(config: GemmaConfig, params: Params) -> dict[str, np.ndarray]:
@@ -379,6 +387,20 @@ def to_hf(config: GemmaConfig, params: Params, path: str) -> None:
 # ------------------------------------------------------------------------------------- GGUF
 
 
+def _dequantize_rows(dequantize, data: np.ndarray, qtype, rows: int = 8192,
+                     dtype=np.float32) -> np.ndarray:
+  """gguf's `dequantize` in chunks of rows into one `dtype` array: its NumPy block decoding makes
+  several temporaries the size of the tensor (GBs for a 262k x 640 embedding) when called whole."""
+  if data.ndim < 2 or data.shape[0] <= rows:
+    return np.asarray(dequantize(data, qtype), dtype)
+  first = np.asarray(dequantize(data[:rows], qtype), dtype)
+  out = np.empty((data.shape[0],) + first.shape[1:], dtype)
+  out[:rows] = first
+  for lo in range(rows, data.shape[0], rows):
+    out[lo:lo + rows] = dequantize(data[lo:lo + rows], qtype)
+  return out
+
+
 def from_gguf(path: str, dtype: Any = jnp.float32,
               param_dtype: Any = jnp.float32) -> tuple[GemmaConfig, Params]:
   """Loads a Gemma 3 GGUF (any llama.cpp quantization, dequantized to f32) as `(config, params)`.
@@ -410,11 +432,14 @@ def from_gguf(path: str, dtype: Any = jnp.float32,
   names = {"token_embd": "embed_tokens", "output_norm": "norm"}
   for i in range(config.num_layers):
     names.update({f"blk.{i}.{g}": f"layers.{i}.{h}" for g, h in _GGUF_LAYER_NAMES.items()})
-  tensors = {}
-  for t in reader.tensors:
-    base = t.name.removesuffix(".weight")
-    if base not in names:
-      continue
-    w = dequantize(t.data, t.tensor_type).astype(np.float32)
-    tensors[names[base] + ".weight"] = w - 1.0 if t.name.endswith("norm.weight") else w
-  return config, params_from_torch_layout(config, tensors.__getitem__)
+  tensors = {names[t.name.removesuffix(".weight")] + ".weight": t for t in reader.tensors
+             if t.name.removesuffix(".weight") in names}
+
+  def get(name: str) -> np.ndarray:     # dequantized on demand, one tensor at a time
+    t = tensors[name]
+    if t.name.endswith("norm.weight"):
+      return _dequantize_rows(dequantize, t.data, t.tensor_type) - 1.0
+    return _dequantize_rows(dequantize, t.data, t.tensor_type, dtype=jnp.dtype(param_dtype))
+
+  return config, params_from_torch_layout(
+      config, get, shape_of=lambda name: tuple(reversed([int(x) for x in tensors[name].shape])))

@@ -1,0 +1,238 @@
+"""LoRA / QLoRA (bond/lora.py): one frozen base shared by policy, anchor and reference.
+
+Independent checks: the merged weights against ΔW written in transformers' layout (PEFT's
+B·A on q/k/v/o/gate/up/down_proj), exact equality of the first forward with the base's, the
+base's bytes before and after training, NumPy arithmetic for the EMA of the factors, the
+transformers reload of a merged export, and the exact toy harness for J-BOND with LoRA.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from bond import config as config_lib
+from bond import data as data_lib
+from bond import lora, steps, toy, train
+from bond.models import convert, gemma, presets
+from configs import toy_jbond, toy_jbond_lora
+
+ALL = "embed,attn,mlp"
+
+
+def _spec(model_config, rank=4, alpha=8.0, targets=ALL, base_dtype=""):
+  return lora.Spec(rank=rank, alpha=alpha, targets=lora.resolve_targets(
+      targets, model_config.num_layers), dtype=model_config.dtype, base_dtype=base_dtype)
+
+
+def _random_adapters(spec, base, seed=0):
+  """Adapters with non-zero B (init_adapters starts B at 0)."""
+  adapters = lora.init_adapters(spec, base, jax.random.key(seed))
+  leaves, treedef = jax.tree.flatten(adapters)
+  keys = jax.random.split(jax.random.key(seed + 7), len(leaves))
+  return jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape)
+                                      for x, k in zip(leaves, keys)])
+
+
+def test_targets_resolve_names_aliases_and_regexes():
+  assert lora.resolve_targets("q,v", 2) == ((0, "q"), (0, "v"), (1, "q"), (1, "v"))
+  assert len(lora.resolve_targets("attn,mlp", 3)) == 21
+  assert lora.resolve_targets("layer_(0|2)/down", 3) == ((0, "down"), (2, "down"))
+  assert lora.resolve_targets("embed", 3) == ((lora.EMBED, "embed"),)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"rank": -1}, "model.lora.rank must be an integer >= 0"),
+    ({"rank": 4, "alpha": 0.0}, "model.lora.alpha must be > 0"),
+    ({"rank": 4, "targets": "layer_9/q"}, "'layer_9/q' matches no projection"),
+    ({"rank": 4, "targets": "qproj"}, "'qproj' matches no projection"),
+    ({"rank": 4, "targets": "layer_[0/q"}, "nor a valid regex"),
+    ({"rank": 4, "targets": " , "}, "must name at least one projection"),
+    ({"rank": 4, "base_dtype": "nf4"}, "model.lora.base_dtype must be one of"),
+    ({"base_dtype": "int8"}, "needs model.lora.rank > 0"),
+])
+def test_bad_lora_config_is_one_line_error_at_validation(change, message):
+  c = toy_jbond.get_config()
+  c.model.lora.update(**change)
+  with pytest.raises(ValueError, match=message) as e:
+    config_lib.validate(c, check_files=False)
+  assert "\n" not in str(e.value)
+
+
+def test_merge_matches_delta_in_transformers_layout():
+  """merge() against W_hf + (alpha/r)·B_peft·A_peft written on the HF weights (slicing of the
+  stacked k/v and gate/up weights, reshapes of q and o)."""
+  config = presets.get("tiny_gemma3")
+  base = gemma.init_params(config, jax.random.key(0))
+  spec = _spec(config)
+  adapters = _random_adapters(spec, base)
+  merged = convert.params_to_torch_layout(config, lora.merge(spec, base, adapters))
+  expected = convert.params_to_torch_layout(config, base)
+  for name, t in lora.peft_tensors(spec, adapters).items():
+    module = name.removeprefix("base_model.model.").rsplit(".", 2 if ".weight" in name else 1)[0]
+    if name.endswith("lora_A.weight"):
+      b = lora.peft_tensors(spec, adapters)[name.replace("lora_A", "lora_B")]
+      expected[module + ".weight"] = expected[module + ".weight"] + spec.scale * (b @ t)
+    elif name.endswith("lora_embedding_A"):
+      b = lora.peft_tensors(spec, adapters)[name.replace("_A", "_B")]
+      expected[module + ".weight"] = expected[module + ".weight"] + spec.scale * (b @ t).T
+  assert merged.keys() == expected.keys()
+  changed = 0
+  for k in merged:
+    np.testing.assert_allclose(merged[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    changed += not np.array_equal(merged[k], convert.params_to_torch_layout(config, base)[k])
+  assert changed == 1 + 7 * config.num_layers       # the embedding and every projection
+
+
+@pytest.mark.parametrize("preset,dtype", [("tiny_gemma3", jnp.float32),
+                                          ("tiny_gemma2", jnp.bfloat16)])
+def test_first_forward_equals_the_base_exactly(preset, dtype):
+  config = presets.get(preset, dtype=dtype)
+  params = gemma.init_params(config, jax.random.key(1))
+  state = steps.init_state(params, steps.make_optimizer(toy_jbond.get_config().optim), 0,
+                           lora=_spec(config))
+  tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, config.vocab_size)
+  apply = lambda p: gemma.Gemma(config).apply({"params": p}, tokens)  # noqa: E731
+  base = apply(params)
+  for view in (state.policy(), state.anchor(), state.reference()):
+    np.testing.assert_array_equal(np.asarray(apply(view)), np.asarray(base))
+
+
+def test_int8_base_is_per_channel_and_shared_by_every_view():
+  config = presets.get("tiny_gemma3")
+  params = gemma.init_params(config, jax.random.key(3))
+  base = lora.quantize(params)
+  emb = base["input_embedding"]
+  assert emb.q.dtype == jnp.int8 and emb.scale.shape == (config.vocab_size, 1)
+  q = base["layer_0"]["attn"]["q_einsum"]
+  assert q.scale.shape == (1,) + params["layer_0"]["attn"]["q_einsum"].shape[1:]
+  # Round to nearest: every weight within half a step of its channel's scale.
+  for w, qt in ((params["input_embedding"], emb), (params["layer_0"]["attn"]["q_einsum"], q)):
+    err = np.abs(np.asarray(w) - np.asarray(qt.q, np.float32) * np.asarray(qt.scale))
+    assert np.all(err <= np.asarray(qt.scale) / 2 + 1e-7)
+  state = steps.init_state(params, steps.make_optimizer(toy_jbond.get_config().optim), 0,
+                           lora=_spec(config, base_dtype="int8"))
+  ref = state.reference()
+  assert state.ref_params["layer_0"]["mlp"]["linear"].q.dtype == jnp.int8
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state.policy())):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _toy_runner(config):
+  exp = train.build(config)
+  optimizer = steps.make_optimizer(config.optim)
+  spec = lora.spec_from_config(config, exp.model_config)
+  state = steps.init_state(exp.params, optimizer, config.train.seed, lora=spec)
+  step = jax.jit(steps.make_train_step(config, exp.model_config, exp.reward_fn, optimizer))
+  batch = lambda i: data_lib.get_batch(exp.table, i, config.data.batch_size,  # noqa: E731
+                                       config.data.shuffle_seed)
+  return exp, state, step, batch
+
+
+@pytest.mark.parametrize("objective", ["jbond", "dpo"])
+def test_only_adapters_train_and_the_base_stays_bit_identical(objective):
+  config = toy_jbond_lora.get_config()
+  config.bond.objective = objective
+  config.optim.warmup_steps = 0
+  if objective == "dpo":
+    config.bond.anchor = "fixed"
+  exp, state, step, batch = _toy_runner(config)
+  base_before = jax.device_get(state.ref_params)
+  adapters_before = jax.device_get(state.params)
+  n_adapter = lora.count(state.params)
+  # Adam tracks the adapters only: two moments of each adapter entry, nothing of the base.
+  opt_entries = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+  assert opt_entries == 2 * n_adapter
+  assert n_adapter < gemma.count_params(exp.model_config)
+  for i in range(3):
+    state, metrics = step(state, batch(i))
+  assert np.isfinite(float(metrics["loss"]))
+  for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(state.ref_params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in
+              zip(jax.tree.leaves(state.params), jax.tree.leaves(adapters_before)))
+  assert moved > 1e-4
+
+
+def test_ema_anchor_is_an_ema_of_the_factors():
+  config = toy_jbond_lora.get_config()
+  config.optim.warmup_steps = 0
+  _, state, step, batch = _toy_runner(config)
+  anchor0 = jax.device_get(state.anchor_params)
+  state, _ = step(state, batch(0))
+  eta = config.bond.eta
+  for a0, p1, a1 in zip(jax.tree.leaves(anchor0), jax.tree.leaves(state.params),
+                        jax.tree.leaves(state.anchor_params)):
+    np.testing.assert_allclose(np.asarray(a1), (1 - eta) * a0 + eta * np.asarray(p1),
+                               rtol=1e-6, atol=1e-7)
+
+
+def _run(config, workdir, steps_):
+  config.train.num_steps = steps_
+  return train.train_and_evaluate(config, str(workdir))
+
+
+@pytest.mark.slow
+def test_lora_resume_is_exact_checkpoint_holds_no_base_and_base_is_checked(tmp_path):
+  config = toy_jbond_lora.get_config()
+  config.train.update(checkpoint_every=2, log_every=1)
+  config.eval.update(every=2, sampled=False)
+  config.data.batch_size = 16
+  _run(config, tmp_path / "straight", 4)
+  _run(config, tmp_path / "resumed", 2)
+  _run(config, tmp_path / "resumed", 4)
+  read = lambda w: [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")}  # noqa: E731
+                    for l in (w / "metrics.jsonl").read_text().splitlines()]
+  assert read(tmp_path / "straight") == read(tmp_path / "resumed")
+  import orbax.checkpoint as ocp
+  saved = ocp.StandardCheckpointer().restore(tmp_path / "straight" / "checkpoints" / "4" / "state")
+  assert set(saved) == {"step", "params", "opt_state", "anchor_params", "rng"}   # no base
+  config.model.init_seed = 5                        # another base model
+  with pytest.raises(ValueError, match="was trained on base 'preset=toy init_seed=0'"):
+    _run(config, tmp_path / "resumed", 6)
+
+
+@pytest.mark.slow
+def test_jbond_with_lora_passes_best_of_4_on_the_exact_harness(tmp_path):
+  """configs/toy_jbond_lora.py (EMA of the factors) for its 180 steps, exact metrics."""
+  config = toy_jbond_lora.get_config()
+  config.eval.sampled = False
+  _run(config, tmp_path, config.train.num_steps)
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  exact = [r for r in records if "exact/reward" in r]
+  early = np.mean([r["exact/reward"] for r in exact[:3]])
+  late = np.mean([r["exact/reward"] for r in exact[-3:]])
+  final = exact[-1]
+  print({k: round(v, 3) for k, v in final.items() if k.startswith("exact/")})
+  assert late > early + 0.3, (early, late)
+  assert final["exact/effective_n"] >= 4.0, final
+  assert final["exact/win_rate"] > 0.6, final
+  assert final["exact/reward_gap_to_bon"] < 0.0, final
+
+
+def test_merged_export_reloads_in_transformers_and_adapters_save_alone(tmp_path, torch):
+  import transformers
+  config = presets.get("tiny_gemma3")
+  base = gemma.init_params(config, jax.random.key(4))
+  spec = _spec(config)
+  adapters = _random_adapters(spec, base, seed=2)
+  merged = lora.merge(spec, base, adapters)
+  convert.to_hf(config, merged, str(tmp_path / "hf"))
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "hf"), attn_implementation="eager", dtype=torch.float32).eval()
+  tokens = np.asarray(jax.random.randint(jax.random.key(5), (2, 9), 1, config.vocab_size))
+  ours = np.asarray(gemma.Gemma(config).apply({"params": merged}, jnp.asarray(tokens)))
+  with torch.no_grad():
+    theirs = model(torch.as_tensor(tokens)).logits.numpy()
+  assert np.abs(ours - theirs).max() <= 1e-4
+  lora.save_adapters(spec, adapters, str(tmp_path / "adapters"), {"model": "m", "fingerprint": "f"})
+  saved = load_file(str(tmp_path / "adapters" / "adapter_model.safetensors"))
+  meta = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+  assert meta["r"] == 4 and meta["lora_alpha"] == 8.0 and meta["peft_type"] == "LORA"
+  assert len(saved) == 2 * len(spec.targets)
+  key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+  assert saved[key].shape == (4, config.embed_dim)
