@@ -3,7 +3,8 @@
 Each variant is `python -m bond.main --config=configs/gemma3_270m_jbond_lora.py ...` in its own
 process (the held-out evaluation off, so the step alone is measured); the peak resident memory
 is that process's own `ru_maxrss` (os.wait4), which includes loading the GGUF, compiling and
-training. Step time = the median of the per-step wall times after the first `--warmup` steps
+training; the teacher-forced passes use the chunked log-probs (`BOND_CHUNKED_LOGPROBS=1`,
+`--full-logprobs` for the full logits). Step time = the median of the per-step wall times after the first `--warmup` steps
 (time/elapsed_s in metrics.jsonl); compile+first step is reported apart.
 
   python benchmarks/lora_memory.py                       # full, lora (bf16 base), qlora (int8)
@@ -32,14 +33,15 @@ VARIANTS = {
 }
 
 
-def run(name: str, steps: int, workdir: str) -> dict:
+def run(name: str, steps: int, workdir: str, full_logprobs: bool = False) -> dict:
   cmd = [sys.executable, "-m", "bond.main", f"--config={CONFIG}", f"--workdir={workdir}",
          f"--config.train.num_steps={steps}", "--config.train.log_every=1",
          "--config.eval.sampled=False", f"--config.train.checkpoint_every={10 * steps}",
          "--config.train.compilation_cache=", *VARIANTS[name]]
   t0 = time.time()
+  env = dict(os.environ, BOND_CHUNKED_LOGPROBS="0" if full_logprobs else "1")
   with open(workdir + ".log", "w") as log:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
   if status != 0:
     raise RuntimeError(f"{name} failed ({status}); see {workdir}.log")
@@ -54,6 +56,8 @@ def main() -> None:
   parser.add_argument("--only", default=",".join(VARIANTS))
   parser.add_argument("--steps", type=int, default=6)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--full-logprobs", action="store_true",
+                      help="score through the full logits (default: BOND_CHUNKED_LOGPROBS=1)")
   args = parser.parse_args()
   names = args.only.split(",")
   unknown = sorted(set(names) - set(VARIANTS))
@@ -62,7 +66,7 @@ def main() -> None:
   rows = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
-      r = run(name, args.steps, os.path.join(tmp, name))
+      r = run(name, args.steps, os.path.join(tmp, name), args.full_logprobs)
       per_step = np.diff(r["step_s"])[args.warmup - 1:]
       rows[name] = dict(peak_rss_gb=r["peak_rss_gb"], step_s=float(np.median(per_step)),
                         first_step_s=r["first_step_s"], wall_s=r["wall_s"])

@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.top_p = 1.0            # 1.0 = off
 
   c.bond = ml_collections.ConfigDict()
-  c.bond.objective = "jbond"        # bond_fwd | bond_bwd | bond_jeffreys | jbond | reinforce | sft | dpo | ipo | bonbon
+  c.bond.objective = "jbond"        # bond_fwd | bond_bwd | bond_jeffreys | jbond | reinforce | sft | dpo | ipo | bonbon | bonbon_dpo
   c.bond.n = 4                      # N of the Best-of-N target (BOND; iterative BOND uses n=2),
   #                                   and of the best/worst-of-N pairs (BoNBoN, --mode=bon)
   c.bond.k = 4                      # anchor samples per prompt for the quantile estimate p̂≤

@@ -259,6 +259,20 @@ def bonbon_loss(policy_logp_best: Array, policy_logp_worst: Array, ref_logp_best
   return alpha * sft + (1.0 - alpha) * ipo, {"sft": sft, "ipo": ipo, **metrics}
 
 
+def bonbon_dpo_loss(policy_logp_best: Array, policy_logp_worst: Array, ref_logp_best: Array,
+                    ref_logp_worst: Array, *, alpha: float | Array, beta: float | Array,
+                    mask: Array | None = None) -> tuple[Array, Metrics]:
+  """BoNBoN as the authors' public code runs it: α·L_SFT(best) + (1−α)·L_DPO(best vs worst; β).
+
+  gl-ybnbxb/BoNBoN `trainers.py` calls its preference loss without `ipo=True`, so its `bonbon`
+  path trains a DPO term where the paper (and `bonbon_loss`) has IPO (algorithms.md §6).
+  """
+  sft, _ = sft_loss(policy_logp_best, mask)
+  dpo, metrics = dpo_loss(policy_logp_best, policy_logp_worst, ref_logp_best, ref_logp_worst,
+                          beta=beta, mask=mask)
+  return alpha * sft + (1.0 - alpha) * dpo, {"sft": sft, "dpo": dpo, **metrics}
+
+
 # ---------------------------------------------------------------------------------------------
 # Baselines: REINFORCE with KL, reward model.
 
@@ -393,6 +407,8 @@ OBJECTIVES: dict[str, Algorithm] = {
     "ipo": Algorithm(_preference(lambda w, l, rw, rl, hp: ipo_loss(w, l, rw, rl, beta=hp.beta_ipo)),
                      offline=True),
     "bonbon": Algorithm(_preference(lambda w, l, rw, rl, hp: bonbon_loss(
+        w, l, rw, rl, alpha=hp.alpha, beta=hp.beta_ipo)), offline=True),
+    "bonbon_dpo": Algorithm(_preference(lambda w, l, rw, rl, hp: bonbon_dpo_loss(
         w, l, rw, rl, alpha=hp.alpha, beta=hp.beta_ipo)), offline=True),
 }
 

@@ -9,7 +9,8 @@ everything a step changes (and orbax saves). `make_train_step` composes the two 
 
   online (batch = prompts):  'bond_fwd', 'bond_bwd', 'bond_jeffreys' (BOND §3), 'jbond'
                              (BOND Algorithm 2), 'reinforce' (REINFORCE + KL, RLOO)
-  offline (batch = prompts + chosen/rejected completions): 'sft', 'dpo', 'ipo', 'bonbon'
+  offline (batch = prompts + chosen/rejected completions): 'sft', 'dpo', 'ipo', 'bonbon',
+                             'bonbon_dpo' (BoNBoN with the authors' code's DPO term)
 """
 
 from __future__ import annotations

@@ -230,6 +230,21 @@ def test_bonbon_closed_form():
   np.testing.assert_allclose(metrics["sft"], -np.asarray(pw).mean(), rtol=1e-6)
 
 
+def test_bonbon_dpo_closed_form():
+  """The authors' code's variant: α·SFT + (1−α)·DPO, against the closed form."""
+  pw, pl, rw, rl = _preference_inputs()
+  alpha, beta = 0.005, bon.beta_star(8)
+  h = np.asarray((pw - rw) - (pl - rl), np.float64)
+  sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+  expected = alpha * -np.asarray(pw).mean() + (1 - alpha) * np.log1p(np.exp(-beta * h)).mean()
+  loss, metrics = objectives.bonbon_dpo_loss(pw, pl, rw, rl, alpha=alpha, beta=beta)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  gw = jax.grad(lambda a: objectives.bonbon_dpo_loss(a, pl, rw, rl, alpha=alpha, beta=beta)[0])(pw)
+  np.testing.assert_allclose(gw, (-alpha - (1 - alpha) * beta * sig(-beta * h)) / len(h),
+                             rtol=1e-4, atol=1e-8)
+  assert "dpo" in metrics and "ipo" not in metrics
+
+
 @pytest.mark.parametrize("n", [3, 8])
 def test_bon_is_stationary_for_ipo_with_beta_star(n):
   """BoNBoN §6: on best/worst-of-n pairs, π_BoN's log-ratios satisfy E[h] = 1/(2β*_n).
@@ -306,7 +321,7 @@ def test_rloo_baseline_keeps_the_expected_gradient_and_cuts_variance():
 
 def test_registry():
   assert set(objectives.OBJECTIVES) == {"bond_fwd", "bond_bwd", "bond_jeffreys", "jbond",
-                                        "reinforce", "sft", "dpo", "ipo", "bonbon"}
+                                        "reinforce", "sft", "dpo", "ipo", "bonbon", "bonbon_dpo"}
   assert objectives.get_objective("jbond") is objectives.OBJECTIVES["jbond"]
   hp = ml_collections.ConfigDict(dict(n=8, k=16, num_policy_samples=3))
   counts = {name: (a.anchor_samples(hp), a.policy_samples(hp), a.offline)
@@ -316,11 +331,11 @@ def test_registry():
   assert counts["bond_bwd"] == (16, 3, False)
   assert counts["bond_fwd"][0] == 8
   assert counts["reinforce"] == (0, 3, False)
-  assert all(counts[k] == (0, 0, True) for k in ("sft", "dpo", "ipo", "bonbon"))
+  assert all(counts[k] == (0, 0, True) for k in ("sft", "dpo", "ipo", "bonbon", "bonbon_dpo"))
   with pytest.raises(ValueError) as e:
     objectives.get_objective("ppo")
-  assert str(e.value) == ("unknown objective 'ppo'; known objectives: bonbon, bond_bwd, bond_fwd, "
-                          "bond_jeffreys, dpo, ipo, jbond, reinforce, sft")
+  assert str(e.value) == ("unknown objective 'ppo'; known objectives: bonbon, bonbon_dpo, "
+                          "bond_bwd, bond_fwd, bond_jeffreys, dpo, ipo, jbond, reinforce, sft")
 
 
 # ---------------------------------------------------------------------------------------------

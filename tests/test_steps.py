@@ -349,8 +349,9 @@ def test_offline_step_matches_enumerated_loss(objective):
          - (lp[prompt, rejected] - ref_lp[prompt, rejected]))
     sft = -jnp.mean(lp[prompt, chosen])
     ipo = jnp.mean((h - 1.0 / (2.0 * bc.beta_ipo)) ** 2)
-    return {"sft": sft, "ipo": ipo, "dpo": jnp.mean(jnp.log1p(jnp.exp(-bc.beta_ipo * h))),
-            "bonbon": bc.alpha * sft + (1 - bc.alpha) * ipo}[objective]
+    dpo = jnp.mean(jnp.log1p(jnp.exp(-bc.beta_ipo * h)))
+    return {"sft": sft, "ipo": ipo, "dpo": dpo, "bonbon": bc.alpha * sft + (1 - bc.alpha) * ipo,
+            "bonbon_dpo": bc.alpha * sft + (1 - bc.alpha) * dpo}[objective]
 
   value, grads = jax.value_and_grad(loss)(r.exp.params)
   state, metrics = r.step(r.init(), batch)

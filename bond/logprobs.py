@@ -1,0 +1,226 @@
+"""Teacher-forced log-probs over a large vocabulary, chunk by chunk: never a [rows, V] array.
+
+`Gemma.apply` returns f32 logits [B, T, V]; with Gemma 3's V = 262,144 those (and their
+gradient) dwarf the rest of a small model's activations. Here log p(y) = cap(logit_y) − lse:
+the target's logit is one gathered row per position (`target_logits`, plain autodiff), and the
+logsumexp runs over chunks of the tied embedding [V, D] (`chunked_logsumexp`): the forward
+streams a running max and sum, the backward (a `jax.custom_vjp`) recomputes each chunk's logits
+and accumulates d_hidden and the chunk's rows of d_embedding. The largest array is [rows, C].
+
+Numerics follow the model's `Backend.logits` and `objectives.token_log_probs`: `dtype` x `dtype`
+matmuls accumulated in f32, the final soft-cap tanh(l / c) · c and the log-probs in f32. The
+backward feeds d_logits to its matmuls in `dtype` (the full path's autodiff keeps them f32, which
+XLA:CPU runs as f32 dots); against an f32 computation both are equally close
+(tests/test_logprobs.py).
+
+Shapes: N rows (scored positions), D model dim, V vocab, C chunk size.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bond.models import gemma
+
+Array = jax.Array
+Params = Any
+
+# Vocabulary chunk: [N, C] f32 logits per step. Measured (benchmarks/logprobs.py, XLA:CPU on 2
+# shared cores, value_and_grad): Gemma 3 270M, 336 rows, process CPU s per step 3.99 / 3.92 /
+# 3.98 for C = 4096 / 8192 / 16384; gemma3_35m (V = 16,384), 2304 rows, 5.01 / 4.37 / 4.53. The
+# matmuls dominate; smaller chunks add per-step overhead, larger ones only grow the temporaries.
+# A vocabulary no larger than this is one chunk.
+DEFAULT_CHUNK_SIZE = 8192
+
+
+def _cap(logits: Array, softcap: float | None) -> tuple[Array, Array | None]:
+  """(tanh(l / c) · c, tanh(l / c)), or (l, None) uncapped; f32."""
+  if softcap is None:
+    return logits, None
+  t = jnp.tanh(logits / softcap)
+  return t * softcap, t
+
+
+def _chunk_logits(hidden: Array, emb: Array, softcap: float | None, dtype: Any):
+  """Capped logits [N, C] f32 of hidden [N, D] against emb [C, D], and the cap's tanh."""
+  raw = jnp.einsum("ND,CD->NC", hidden.astype(dtype), emb.astype(dtype),
+                   preferred_element_type=jnp.float32)
+  return _cap(raw, softcap)
+
+
+def _materialised_transpose(x: Array) -> Array:
+  """x.T [C, N] laid out row-major. XLA:CPU folds a plain transpose into the next dot, and a dot
+  contracting its lhs's leading dim falls back to an f32 Eigen dot, about 3x slower than the
+  bf16 one on the materialised transpose. Elsewhere the barrier only costs the copy."""
+  rows, cols = x.shape
+  return jax.lax.optimization_barrier(x.T.reshape(-1)).reshape(cols, rows)
+
+
+def _scan_chunks(step, carry, embedding: Array, chunk_size: int):
+  """carry = step(carry, start, embedding[start:start + size]) over the vocab chunks in order;
+  the last chunk is shorter when chunk_size does not divide V (no padding, no copy of E)."""
+  vocab = embedding.shape[0]
+  full, rest = vocab // chunk_size, vocab % chunk_size
+  if full == 1:
+    carry = step(carry, 0, embedding[:chunk_size])
+  elif full:
+    def body(carry, i):
+      start = i * chunk_size
+      return step(carry, start, jax.lax.dynamic_slice_in_dim(embedding, start, chunk_size)), None
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(full))
+  if rest:
+    start = full * chunk_size
+    carry = step(carry, start, embedding[start:])
+  return carry
+
+
+def _logsumexp(hidden, embedding, softcap, dtype, chunk_size):
+  """[N] f32 logsumexp of the capped logits, streamed: running max m and Σ exp(l − m)."""
+  def step(carry, start, emb):
+    del start
+    m, s = carry
+    logits, _ = _chunk_logits(hidden, emb, softcap, dtype)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=-1)
+    return m_new, s
+
+  n = hidden.shape[0]
+  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
+  m, s = _scan_chunks(step, init, embedding, chunk_size)
+  return m + jnp.log(s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def chunked_logsumexp(hidden: Array, embedding: Array, softcap: float | None, dtype: Any,
+                      chunk_size: int) -> Array:
+  """logsumexp_v cap(hidden @ embedding.T)[:, v]: hidden [N, D], embedding [V, D] -> [N] f32.
+
+  Vocab chunks of chunk_size (static; the last one shorter if it does not divide V, one chunk
+  if it is >= V); the backward recomputes each chunk's logits.
+  """
+  return _logsumexp(hidden, embedding, softcap, dtype, chunk_size)
+
+
+def _logsumexp_fwd(hidden, embedding, softcap, dtype, chunk_size):
+  lse = _logsumexp(hidden, embedding, softcap, dtype, chunk_size)
+  return lse, (hidden, embedding, lse)
+
+
+def _logsumexp_bwd(softcap, dtype, chunk_size, residuals, g):
+  """d_logits = g · softmax through the cap's 1 − tanh²; d_hidden += d_logits @ E_chunk and
+  d_embedding[chunk] = d_logits.T @ hidden, chunk by chunk, in `dtype` with f32 accumulation."""
+  hidden, embedding, lse = residuals
+  g = g.astype(jnp.float32)
+  h = hidden.astype(dtype)
+
+  def step(carry, start, emb):
+    d_hidden, d_embedding = carry
+    logits, t = _chunk_logits(hidden, emb, softcap, dtype)
+    d_logits = g[:, None] * jnp.exp(logits - lse[:, None])
+    if t is not None:
+      d_logits = d_logits * (1.0 - t * t)
+    d_logits = d_logits.astype(dtype)
+    d_hidden = d_hidden + jnp.einsum("NC,CD->ND", d_logits, emb.astype(dtype),
+                                     preferred_element_type=jnp.float32)
+    d_emb = jnp.einsum("CN,ND->CD", _materialised_transpose(d_logits), h,
+                       preferred_element_type=jnp.float32)
+    d_embedding = jax.lax.dynamic_update_slice_in_dim(
+        d_embedding, d_emb.astype(embedding.dtype), start, 0)
+    return d_hidden, d_embedding
+
+  init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(embedding.shape, embedding.dtype))
+  d_hidden, d_embedding = _scan_chunks(step, init, embedding, chunk_size)
+  return d_hidden.astype(hidden.dtype), d_embedding
+
+
+chunked_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+
+
+def target_logits(hidden: Array, embedding: Array, targets: Array, softcap: float | None,
+                  dtype: Any) -> Array:
+  """cap(hidden[n] · embedding[targets[n]]) [N] f32: the full logits' products (exact in f32 for
+  bf16 inputs), summed in f32. Rows are gathered as `Gemma` gathers them (a bf16 table as bits)."""
+  rows = gemma._take_rows(embedding, targets).astype(dtype).astype(jnp.float32)
+  raw = jnp.sum(hidden.astype(dtype).astype(jnp.float32) * rows, axis=-1)
+  return _cap(raw, softcap)[0]
+
+
+def token_log_probs_chunked(hidden: Array, embedding: Array, targets: Array, *,
+                            softcap: float | None = None, dtype: Any = None,
+                            chunk_size: int | None = None) -> Array:
+  """log softmax(cap(hidden @ embedding.T))[targets]: hidden [N, D], embedding [V, D], targets
+  [N] int in [0, V) -> [N] f32, over vocab chunks of `chunk_size` (default `DEFAULT_CHUNK_SIZE`).
+
+  Matmuls in `dtype` (default hidden's) accumulated in f32; cap(l) = tanh(l / softcap) · softcap
+  in f32 (None or 0: no cap). The target's logit minus `chunked_logsumexp`; differentiable in
+  hidden and embedding, never holding [N, V].
+  """
+  if hidden.ndim != 2 or embedding.ndim != 2 or hidden.shape[1] != embedding.shape[1]:
+    raise ValueError(f"hidden must be [N, D] and embedding [V, D], got {hidden.shape} and "
+                     f"{embedding.shape}")
+  if targets.shape != hidden.shape[:1]:
+    raise ValueError(f"targets must be [N] = {hidden.shape[:1]}, got {targets.shape}")
+  chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  softcap = float(softcap) if softcap else None
+  dtype = jnp.dtype(dtype or hidden.dtype)
+  lse = chunked_logsumexp(hidden, embedding, softcap, dtype, min(chunk_size, embedding.shape[0]))
+  return target_logits(hidden, embedding, targets, softcap, dtype) - lse
+
+
+def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt_tokens: Array,
+                         prompt_mask: Array, tokens: Array, mask: Array, *,
+                         chunk_size: int | None = None) -> Array:
+  """log π(y|x) summed over the completion mask: tokens, mask [B, N, T] -> [B, N].
+
+  `bond.rollout.completion_log_probs` without the [B·N, P+T, V] logits: one teacher-forced pass
+  to the final hidden states, then the vocab projection at the T completion positions only,
+  chunked (`token_log_probs_chunked`). Masked positions contribute 0 (even NaN ones).
+  Differentiable in params; the tied embedding gets both the lookup's and the projection's part.
+  """
+  b, n, t = tokens.shape
+  p = prompt_tokens.shape[1]
+  seq, seq_mask = _sequences(prompt_tokens, prompt_mask, tokens, mask)
+  hidden = gemma.Gemma(model_config).apply({"params": params}, seq, attention_mask=seq_mask,
+                                           return_hidden=True)
+  # The hidden state at position P-1+i predicts completion token i.
+  hidden = hidden[:, p - 1:-1].reshape(b * n * t, -1)
+  valid = mask.reshape(-1).astype(jnp.bool_)
+  targets = jnp.where(valid, tokens.reshape(-1), 0)
+  lp = token_log_probs_chunked(hidden, params["input_embedding"], targets,
+                               softcap=model_config.final_logit_softcap,
+                               dtype=model_config.dtype, chunk_size=chunk_size)
+  return jnp.sum(jnp.where(valid, lp, 0.0).reshape(b, n, t), axis=-1)
+
+
+def _sequences(prompt_tokens: Array, prompt_mask: Array, tokens: Array, mask: Array):
+  """The B·N teacher-forced rows [x; y] and their mask [B·N, P+T]; each prompt repeated N times,
+  sample-minor."""
+  b, n, t = tokens.shape
+  if prompt_tokens.shape[1] < 1:
+    raise ValueError("completion_log_probs needs at least one prompt position (P >= 1)")
+  rows = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  [B, P] -> [B*N, P]
+  seq = jnp.concatenate([rows(prompt_tokens), tokens.reshape(b * n, t)], axis=1)
+  seq_mask = jnp.concatenate([rows(prompt_mask), mask.reshape(b * n, t)], axis=1).astype(jnp.bool_)
+  return seq, seq_mask
+
+
+def completion_log_probs_full(model_config: gemma.GemmaConfig, params: Params,
+                              prompt_tokens: Array, prompt_mask: Array, tokens: Array,
+                              mask: Array) -> Array:
+  """`completion_log_probs` through the model's full f32 logits [B·N, P+T, V] (`Gemma.apply`):
+  the reference the chunked path is tested and benchmarked against."""
+  from bond import objectives
+  b, n, t = tokens.shape
+  p = prompt_tokens.shape[1]
+  seq, seq_mask = _sequences(prompt_tokens, prompt_mask, tokens, mask)
+  logits = gemma.Gemma(model_config).apply({"params": params}, seq, attention_mask=seq_mask)
+  # logits at position P-1+i predict completion token i.
+  lp = objectives.sequence_log_probs(logits[:, p - 1:-1], tokens.reshape(b * n, t),
+                                     mask.reshape(b * n, t))
+  return lp.reshape(b, n)

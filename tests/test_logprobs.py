@@ -1,0 +1,309 @@
+"""The chunked vocab path (bond/logprobs.py) against full logits.
+
+References: `objectives.token_log_probs` on explicit [N, V] logits (token level) and
+`bond.logprobs.completion_log_probs_full`, the model's full-logits teacher-forced pass (sequence
+level): values and gradients in every param, f32 and bf16 compute, a Gemma 2 layout whose final
+soft-cap bites (cap 5 on logits far above it) and a Gemma 3 layout; vocabularies that the chunk
+does not divide, one chunk, masked positions. And the traced and compiled programs hold no
+[rows, V] array, so the memory saving cannot silently regress.
+"""
+
+import functools
+import re
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bond import logprobs, objectives
+from bond.models import gemma, presets
+
+B, N, P, T = 2, 3, 5, 12     # rows = B·N·T = 72 > D = 64: a [rows, V] array outgrows E [V, D]
+VOCAB = 250                  # no chunk size below (64, 96) divides it
+CAP = 5.0
+
+
+def _config(version: int, dtype=jnp.float32, param_dtype=jnp.float32):
+  """One-layer tiny Gemma 2 (final soft-cap CAP) or Gemma 3 (QK norm, no cap): the layers only
+  make the hidden states, one keeps the compiles short."""
+  name = {2: "tiny_gemma2", 3: "tiny_gemma3"}[version]
+  extra = dict(final_logit_softcap=CAP) if version == 2 else {}
+  return presets.get(name, num_layers=1, layer_types=("global",), vocab_size=VOCAB,
+                     dtype=dtype, param_dtype=param_dtype, **extra)
+
+
+def _params(config, seed=0):
+  """Random params with random norm scales and an embedding large enough for logits of ~±40."""
+  params = gemma.init_params(config, jax.random.key(seed))
+  leaves, treedef = jax.tree.flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  out = []
+  for (path, x), k in zip(leaves, keys):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      x = 0.5 * jax.random.normal(k, x.shape, jnp.float32)
+    elif "input_embedding" in name:
+      x = x * 40.0
+    out.append(x.astype(config.param_dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _batch(seed=0):
+  """Left-padded prompts [B, P]; completions [B, N, T] right-padded, one row fully masked."""
+  rng = np.random.default_rng(seed)
+  prompt = rng.integers(3, VOCAB, (B, P)).astype(np.int32)
+  prompt_mask = np.arange(P)[None, :] >= np.array([[0], [2]])
+  tokens = rng.integers(3, VOCAB, (B, N, T)).astype(np.int32)
+  lengths = np.array([[T, 7, 1], [4, 0, 10]])
+  mask = np.arange(T)[None, None, :] < lengths[:, :, None]
+  return (jnp.asarray(prompt), jnp.asarray(prompt_mask), jnp.asarray(tokens),
+          jnp.asarray(mask))
+
+
+def _weights():
+  return jnp.asarray(np.random.default_rng(7).normal(size=(B, N)), jnp.float32)
+
+
+def _full(config, params, *batch):
+  return logprobs.completion_log_probs_full(config, params, *batch)
+
+
+def _chunked(chunk_size):
+  return lambda config, params, *batch: logprobs.completion_log_probs(
+      config, params, *batch, chunk_size=chunk_size)
+
+
+# LLVM -O0: the compiles dominate this file's time and take half as long; the HLO passes (the
+# fusions, the loops, hence the buffers test_no_rows_by_vocab_array inspects) are the same.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _jitted_step(config, chunk_size):
+  """Jitted (log-probs [B, N], Σ w·log-probs, its gradient in params) of params and the batch;
+  chunk_size "full" is the full-logits reference."""
+  fn = _full if chunk_size == "full" else _chunked(chunk_size)
+  w = _weights()
+
+  def loss(params, batch):
+    lp = fn(config, params, *batch)
+    return jnp.sum(w * lp), lp
+
+  @jax.jit
+  def step(params, batch):
+    (value, lp), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+    return lp, value, grads
+  return step
+
+
+@functools.lru_cache(maxsize=None)
+def _step(config, chunk_size):
+  """`_jitted_step` compiled once per (config, path) for `_params(config)` and `_batch()`."""
+  step = _jitted_step(config, chunk_size).lower(_params(config), _batch())
+  return step.compile(compiler_options=FAST_COMPILE)
+
+
+def _max_rel_err(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+
+
+# ------------------------------------------------------------------------------- token level
+
+def _token_reference(hidden, embedding, targets, softcap, dtype):
+  logits = jnp.einsum("ND,VD->NV", hidden.astype(dtype), embedding.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  if softcap:
+    logits = jnp.tanh(logits / softcap) * softcap
+  return objectives.token_log_probs(logits[None], targets[None])[0]
+
+
+@pytest.mark.parametrize("softcap,chunk_size,emb_dtype", [
+    (None, 7, jnp.float32), (3.0, 7, jnp.float32), (3.0, 25, jnp.float32),
+    (None, 100, jnp.float32), (3.0, 4096, jnp.float32), (3.0, 7, jnp.bfloat16)])
+def test_token_log_probs_match_full_softmax(softcap, chunk_size, emb_dtype):
+  """f32 compute: V = 100 in chunks of 7 (uneven last), 25 (even), 100 and 4096 (one chunk)."""
+  k = jax.random.split(jax.random.key(0), 3)
+  hidden = 3.0 * jax.random.normal(k[0], (20, 16))
+  embedding = jax.random.normal(k[1], (100, 16)).astype(emb_dtype)
+  targets = jax.random.randint(k[2], (20,), 0, 100)
+  w = jnp.linspace(0.5, 1.5, 20)
+
+  def run(fn):
+    lp, vjp = jax.vjp(fn, hidden, embedding)
+    return lp, vjp(w)
+  got, got_grads = jax.jit(run, static_argnums=0)(lambda h, e: logprobs.token_log_probs_chunked(
+      h, e, targets, softcap=softcap, dtype=jnp.float32, chunk_size=chunk_size))
+  want, want_grads = jax.jit(run, static_argnums=0)(
+      lambda h, e: _token_reference(h, e, targets, softcap, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert got_grads[0].dtype == hidden.dtype and got_grads[1].dtype == emb_dtype
+  # A bf16 embedding's gradient is rounded to bf16 on both sides, in different places.
+  tol = 1e-5 if emb_dtype == jnp.float32 else 1e-2
+  assert _max_rel_err(got_grads[0], want_grads[0]) <= 1e-5
+  assert _max_rel_err(got_grads[1], want_grads[1]) <= tol
+
+
+def test_softcap_bites_in_token_test_data():
+  k = jax.random.split(jax.random.key(0), 2)
+  logits = (3.0 * jax.random.normal(k[0], (20, 16))) @ jax.random.normal(k[1], (100, 16)).T
+  assert float(jnp.abs(logits).max()) > 5 * 3.0
+
+
+# ---------------------------------------------------------------------------- sequence level
+
+CASES = {   # id: (version, compute dtype, param dtype, chunk size, relative tolerance)
+    "gemma2-f32-chunk64": (2, jnp.float32, jnp.float32, 64, 1e-5),
+    "gemma3-f32-one-chunk": (3, jnp.float32, jnp.float32, None, 1e-5),
+    "gemma2-bf16-chunk96": (2, jnp.bfloat16, jnp.float32, 96, 2e-2),
+    "gemma3-bf16-bf16-params-chunk96": (3, jnp.bfloat16, jnp.bfloat16, 96, 2e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_completion_log_probs_match_full_logits(case):
+  """Log-probs [B, N] (a fully masked completion scores 0), Σ w·log-probs and its gradient in
+  every param, in the param dtype, against the full-logits pass."""
+  version, dtype, param_dtype, chunk_size, tol = CASES[case]
+  config = _config(version, dtype, param_dtype)
+  params, batch = _params(config), _batch()
+  want_lp, want, want_grads = _step(config, "full")(params, batch)
+  got_lp, got, got_grads = _step(config, chunk_size)(params, batch)
+  assert got_lp.shape == (B, N) and got_lp.dtype == jnp.float32
+  assert float(want_lp[1, 1]) == float(got_lp[1, 1]) == 0.0     # the fully masked completion
+  assert _max_rel_err(got_lp, want_lp) <= tol / 10, (got_lp, want_lp)
+  assert abs(float(got) - float(want)) <= tol / 10 * abs(float(want))
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want_grads)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(got_grads)[0]:
+    name = jax.tree_util.keystr(path)
+    assert g.dtype == jnp.dtype(param_dtype), name
+    assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+    assert _max_rel_err(g, flat_want[path]) <= tol, (name, _max_rel_err(g, flat_want[path]))
+
+
+def test_bf16_error_is_the_full_paths_own():
+  """bf16 compute, against the f32 computation of the same params: the chunked path (bf16
+  cotangents into its matmuls) is as close to it as the full-logits path (f32 cotangents)."""
+  version, dtype, param_dtype, chunk_size, _ = CASES["gemma2-bf16-chunk96"]
+  config = _config(version, dtype, param_dtype)
+  params, batch = _params(config), _batch()
+  truth = _step(_config(version), "full")(params, batch)
+  full, chunked = _step(config, "full")(params, batch), _step(config, chunk_size)(params, batch)
+  assert _max_rel_err(chunked[0], truth[0]) <= 2 * _max_rel_err(full[0], truth[0]) + 1e-6
+  want = dict(jax.tree_util.tree_flatten_with_path(truth[2])[0])
+  full_grads = dict(jax.tree_util.tree_flatten_with_path(full[2])[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(chunked[2])[0]:
+    ours, theirs = _max_rel_err(g, want[path]), _max_rel_err(full_grads[path], want[path])
+    assert ours <= 2 * theirs + 1e-3, (jax.tree_util.keystr(path), ours, theirs)
+
+
+def test_softcap_bites_at_scored_positions():
+  """The Gemma 2 case's raw logits reach far past the cap, where tanh saturates."""
+  config = _config(2)
+  params, (prompt, prompt_mask, tokens, mask) = _params(config), _batch()
+  seq = jnp.concatenate([jnp.repeat(prompt, N, axis=0), tokens.reshape(B * N, T)], axis=1)
+  uncapped = gemma.Gemma(config.replace(final_logit_softcap=None))
+  logits = jax.jit(lambda p, x: uncapped.apply({"params": p}, x))(params, seq)
+  assert float(jnp.abs(logits[:, P - 1:-1]).max()) > 4 * CAP
+
+
+def test_masked_positions_are_ignored():
+  """Tokens under the completion mask change nothing, in value or gradient."""
+  config = _config(3)
+  params = _params(config)
+  prompt, prompt_mask, tokens, mask = _batch()
+  other = jnp.where(mask, tokens, (tokens * 7 + 11) % VOCAB)
+  step = _step(config, 64)
+  _, a, ga = step(params, (prompt, prompt_mask, tokens, mask))
+  _, b, gb = step(params, (prompt, prompt_mask, other, mask))
+  assert float(a) == float(b)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_embedding_gradient_includes_the_output_projection():
+  """Rows of the embedding never fed to the model get gradient from the softmax over them."""
+  config = _config(3)
+  params, batch = _params(config), _batch()
+  _, _, grads = _step(config, 64)(params, batch)
+  prompt, _, tokens, _ = batch
+  fed = np.zeros(VOCAB, bool)
+  fed[np.asarray(prompt).ravel()] = fed[np.asarray(tokens).ravel()] = True
+  assert not fed.all()
+  assert np.all(np.abs(np.asarray(grads["input_embedding"])[~fed]).max(axis=1) > 0)
+
+
+def test_default_chunk_size_is_one_chunk_for_small_vocab():
+  config = _config(3)
+  params, batch = _params(config), _batch()
+  jaxpr = jax.make_jaxpr(lambda p: logprobs.completion_log_probs(config, p, *batch))(params)
+  assert "scan" not in str(jaxpr) and "while" not in str(jaxpr)
+  jaxpr = jax.make_jaxpr(lambda p: logprobs.completion_log_probs(config, p, *batch,
+                                                                 chunk_size=64))(params)
+  assert "scan" in str(jaxpr)
+
+
+# -------------------------------------------------------------------------- memory regression
+
+def _subjaxprs(jaxpr):
+  for eqn in jaxpr.eqns:
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield sub.jaxpr
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield sub
+
+
+def _shapes_with_vocab(jaxpr, vocab, min_size):
+  """Shapes of every value in jaxpr (and nested jaxprs) with a V dim and >= min_size elements."""
+  found = []
+  for var in list(jaxpr.invars) + list(jaxpr.constvars) + [
+      v for eqn in jaxpr.eqns for v in list(eqn.invars) + list(eqn.outvars)]:
+    shape = getattr(getattr(var, "aval", None), "shape", ())
+    if vocab in shape and np.prod(shape) >= min_size:
+      found.append(shape)
+  for sub in _subjaxprs(jaxpr):
+    found += _shapes_with_vocab(sub, vocab, min_size)
+  return found
+
+
+def _hlo_shapes_with_vocab(text, vocab, min_size):
+  found = []
+  for dims in re.findall(r"\[([0-9,]+)\]", text):
+    shape = tuple(int(d) for d in dims.split(","))
+    if vocab in shape and np.prod(shape) >= min_size:
+      found.append(shape)
+  return found
+
+
+@pytest.mark.parametrize("case", ["gemma2-bf16-chunk96", "gemma3-bf16-bf16-params-chunk96"])
+def test_no_rows_by_vocab_array(case):
+  """value_and_grad of the chunked path: no traced or compiled array of >= rows·V elements
+  with a V dim (the embedding [V, D] and its gradient are smaller: rows > D). The detector
+  finds the full-logits path's arrays, so it can see a regression."""
+  version, dtype, param_dtype, chunk_size, _ = CASES[case]
+  config = _config(version, dtype, param_dtype)
+  params, batch = _params(config), _batch()
+  rows = B * N * T
+  assert rows > config.embed_dim
+  for path, expect_big in ((chunk_size, False), ("full", True)):
+    jaxpr = jax.make_jaxpr(_jitted_step(config, path))(params, batch).jaxpr
+    big = _shapes_with_vocab(jaxpr, VOCAB, rows * VOCAB)
+    big_hlo = _hlo_shapes_with_vocab(_step(config, path).as_text(), VOCAB, rows * VOCAB)
+    assert bool(big) == expect_big and bool(big_hlo) == expect_big, (path, big, big_hlo)
+
+
+def test_rollout_switches_to_the_chunked_path(monkeypatch):
+  """`BOND_CHUNKED_LOGPROBS=1` makes rollout.completion_log_probs (rollout, update, held-out
+  evaluation) the chunked path; unset, it is the full-logits path."""
+  from bond import rollout
+  calls = []
+  monkeypatch.setattr(logprobs, "completion_log_probs", lambda *a: calls.append("chunked"))
+  monkeypatch.setattr(logprobs, "completion_log_probs_full", lambda *a: calls.append("full"))
+  monkeypatch.delenv("BOND_CHUNKED_LOGPROBS", raising=False)
+  rollout.completion_log_probs(None, None, None, None, None, None)
+  monkeypatch.setenv("BOND_CHUNKED_LOGPROBS", "1")
+  rollout.completion_log_probs(None, None, None, None, None, None)
+  assert calls == ["full", "chunked"]
