@@ -3,8 +3,8 @@
 Each variant is `python -m bond.main --config=configs/gemma3_270m_jbond_lora.py ...` in its own
 process (the held-out evaluation off, so the step alone is measured); the peak resident memory
 is that process's own `ru_maxrss` (os.wait4), which includes loading the GGUF, compiling and
-training; the teacher-forced passes use the chunked log-probs (`BOND_CHUNKED_LOGPROBS=1`,
-`--full-logprobs` for the full logits). Step time = the median of the per-step wall times after the first `--warmup` steps
+training; the teacher-forced passes use the chunked log-probs (the default,
+`model.logprob_chunk`; `--full-logprobs` for the full logits). Step time = the median of the per-step wall times after the first `--warmup` steps
 (time/elapsed_s in metrics.jsonl); compile+first step is reported apart.
 
   python benchmarks/lora_memory.py                       # full, lora (bf16 base), qlora (int8)
@@ -38,8 +38,10 @@ def run(name: str, steps: int, workdir: str, full_logprobs: bool = False) -> dic
          f"--config.train.num_steps={steps}", "--config.train.log_every=1",
          "--config.eval.sampled=False", f"--config.train.checkpoint_every={10 * steps}",
          "--config.train.compilation_cache=", *VARIANTS[name]]
+  if full_logprobs:
+    cmd.append("--config.model.logprob_chunk=0")
   t0 = time.time()
-  env = dict(os.environ, BOND_CHUNKED_LOGPROBS="0" if full_logprobs else "1")
+  env = dict(os.environ)
   with open(workdir + ".log", "w") as log:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -57,7 +59,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=6)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--full-logprobs", action="store_true",
-                      help="score through the full logits (default: BOND_CHUNKED_LOGPROBS=1)")
+                      help="score through the full logits (model.logprob_chunk=0; default: chunked)")
   args = parser.parse_args()
   names = args.only.split(",")
   unknown = sorted(set(names) - set(VARIANTS))

@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"         # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"   # parameter dtype: float32 | bfloat16 (not with bond.anchor=ema)
   c.model.remat = False
+  c.model.logprob_chunk = 8192      # teacher-forced log-probs over vocabulary chunks of this many
+  #                                   rows of the tied embedding (bond/logprobs.py: no [rows, V]
+  #                                   logits forward or backward); 0, or a vocabulary of at most
+  #                                   this many tokens: through the full logits
   c.model.init_seed = 0             # seed of the random init (ignored with a checkpoint)
   # LoRA / QLoRA (bond/lora.py): policy and anchor are adapters on one frozen base, which is also
   # the reference. rank 0 = off (full fine-tuning).

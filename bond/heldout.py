@@ -121,7 +121,8 @@ class Evaluator:
 
   def _score_impl(self, params, prompts, tokens, mask):
     return rollout_lib.completion_log_probs(self.model_config, params, prompts["prompt_tokens"],
-                                            prompts["prompt_mask"], tokens, mask)
+                                            prompts["prompt_mask"], tokens, mask,
+                                            chunk_size=self.config.model.logprob_chunk)
 
   def _reward_impl(self, prompts, tokens, mask):
     c, n, t = tokens.shape

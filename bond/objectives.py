@@ -388,6 +388,8 @@ class Algorithm:
   policy_samples: Callable[[Any], int] = lambda hp: 0   # S samples of π_θ per prompt
   anchor_samples: Callable[[Any], int] = lambda hp: 0   # samples of π_anchor per prompt
   policy_anchor_logp: bool = False   # the loss reads log π_anchor on the policy samples
+  policy_ref_logp: bool = False      # the loss reads log π_ref on the policy samples (else that
+  #                                    pass only feeds the kl/policy_ref metric)
   offline: bool = False              # chosen/rejected pairs from the batch, no sampling
 
 
@@ -400,7 +402,7 @@ OBJECTIVES: dict[str, Algorithm] = {
     "bond_jeffreys": Algorithm(_bond_jeffreys, _S, lambda hp: max(hp.n, hp.k),
                                policy_anchor_logp=True),
     "jbond": Algorithm(_jbond, lambda hp: 1, lambda hp: 2, policy_anchor_logp=True),
-    "reinforce": Algorithm(_reinforce, _S),
+    "reinforce": Algorithm(_reinforce, _S, policy_ref_logp=True),
     "sft": Algorithm(_sft, offline=True),
     "dpo": Algorithm(_preference(lambda w, l, rw, rl, hp: dpo_loss(w, l, rw, rl, beta=hp.beta_ipo)),
                      offline=True),

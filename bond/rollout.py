@@ -12,7 +12,6 @@ Shapes: B prompts, P prompt tokens, N completions per prompt, T new tokens.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import flax.struct
@@ -71,33 +70,45 @@ class Rollout:
 
 
 def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt_tokens: Array,
-                         prompt_mask: Array, tokens: Array, mask: Array) -> Array:
+                         prompt_mask: Array, tokens: Array, mask: Array, *,
+                         chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE) -> Array:
   """log π(y|x) summed over the completion mask: tokens, mask [B, N, T] -> [B, N].
 
-  One teacher-forced pass over the B·N rows [x; y], differentiable in params. By default through
-  the model's full logits; with `BOND_CHUNKED_LOGPROBS=1` (read at trace time) through vocabulary
-  chunks (`bond.logprobs`), which forms no [B·N, P+T, V] array: 3x less memory on Gemma 3's 262k
-  vocabulary. Not yet the default: it changes trajectories at float-rounding level, and two
-  trajectory-level tests (toy J-BOND with LoRA, held-out REINFORCE) have not been re-validated.
+  One teacher-forced pass over the B·N rows [x; y], differentiable in params. The vocabulary
+  projection runs at the completion positions only, over chunks of `chunk_size` rows of the tied
+  embedding (`bond.logprobs`; config key `model.logprob_chunk`): no [B·N, P+T, V] array forward
+  or backward, 3x less memory on Gemma 3's 262k vocabulary. chunk_size 0, or a vocabulary of at
+  most chunk_size rows (one chunk: nothing to save): through the model's full logits
+  (`logprobs.completion_log_probs_full`, the reference; the toy harness's path).
   """
-  fn = (logprobs.completion_log_probs if os.environ.get("BOND_CHUNKED_LOGPROBS", "0") == "1"
-        else logprobs.completion_log_probs_full)
-  return fn(model_config, params, prompt_tokens, prompt_mask, tokens, mask)
+  if not chunk_size or chunk_size >= model_config.vocab_size:
+    return logprobs.completion_log_probs_full(model_config, params, prompt_tokens, prompt_mask,
+                                              tokens, mask)
+  return logprobs.completion_log_probs(model_config, params, prompt_tokens, prompt_mask, tokens,
+                                       mask, chunk_size=chunk_size)
 
 
 def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
-  """`rollout_fn(state, batch, rng=None) -> Rollout` for `config.bond.objective`.
+  """`rollout_fn(state, batch, rng=None, with_metrics=True) -> Rollout` for `config.bond.objective`.
 
   rng defaults to fold_in(state.rng, state.step), so a step's samples are a function of
   (state, batch). Anchor samples use the first half of split(rng), policy samples the second.
+  with_metrics (a bool, or a traced bool scalar: one compiled rollout serves both): False skips
+  the teacher-forced π_ref pass on the policy samples when only the kl/policy_ref metric reads it
+  (J-BOND, BOND with a moving anchor); their ref_logp, and so that metric, are then NaN. The
+  training loop passes True on the steps it logs.
   """
   bc, sc = config.bond, config.sampling
   algorithm = objectives.get_objective(bc.objective)
   num_anchor, num_policy = algorithm.anchor_samples(bc), algorithm.policy_samples(bc)
+  chunk = config.model.logprob_chunk
+  # log π_ref on the policy samples: read by the loss (REINFORCE's KL; a fixed anchor is π_ref),
+  # or only by the kl/policy_ref metric.
+  ref_for_loss = algorithm.policy_ref_logp or (algorithm.policy_anchor_logp and bc.anchor == "fixed")
 
   def logp(params, batch, samples):
     return completion_log_probs(model_config, params, batch["prompt_tokens"], batch["prompt_mask"],
-                                samples.tokens, samples.mask)
+                                samples.tokens, samples.mask, chunk_size=chunk)
 
   def draw(params, batch, rng, n):
     out = sampling.sample_fn(
@@ -121,7 +132,16 @@ def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn
                                 ref_logp=ref[:, i:i + 1]) for i in (0, 1))
     return Rollout(batch["prompt_tokens"], batch["prompt_mask"], chosen=chosen, rejected=rejected)
 
-  def online(state, batch, rng):
+  def ref_logp(state, batch, policy, with_metrics):
+    score = lambda: logp(state.reference(), batch, policy)  # noqa: E731
+    if ref_for_loss or with_metrics is True:
+      return score()
+    nan = lambda: jnp.full(policy.tokens.shape[:2], jnp.nan, jnp.float32)  # noqa: E731
+    if with_metrics is False:
+      return nan()
+    return jax.lax.cond(with_metrics, score, nan)
+
+  def online(state, batch, rng, with_metrics):
     rng_anchor, rng_policy = jax.random.split(rng)
     anchor = draw(state.anchor(), batch, rng_anchor, num_anchor) if num_anchor else None
     policy = draw(state.policy(), batch, rng_policy, num_policy)
@@ -129,18 +149,20 @@ def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn
     r = rewards(batch, both)
     if anchor is not None:
       anchor = anchor.replace(rewards=r[:, :num_anchor])
-    policy = policy.replace(rewards=r[:, num_anchor:], ref_logp=logp(state.reference(), batch, policy))
+    policy = policy.replace(rewards=r[:, num_anchor:],
+                            ref_logp=ref_logp(state, batch, policy, with_metrics))
     if algorithm.policy_anchor_logp:
       # A fixed anchor is π_ref itself (same params): its log-probs are already there.
       policy = policy.replace(anchor_logp=policy.ref_logp if bc.anchor == "fixed"
                               else logp(state.anchor(), batch, policy))
     return Rollout(batch["prompt_tokens"], batch["prompt_mask"], policy=policy, anchor=anchor)
 
-  def rollout_fn(state, batch: dict[str, Array], rng: Array | None = None) -> Rollout:
+  def rollout_fn(state, batch: dict[str, Array], rng: Array | None = None,
+                 with_metrics: bool | Array = True) -> Rollout:
     if rng is None:
       rng = jax.random.fold_in(state.rng, state.step)
     state = jax.lax.stop_gradient(state)
-    return offline(state, batch) if algorithm.offline else online(state, batch, rng)
+    return offline(state, batch) if algorithm.offline else online(state, batch, rng, with_metrics)
 
   return rollout_fn
 

@@ -107,7 +107,8 @@ def make_loss_fn(config, model_config: gemma.GemmaConfig, lora: lora_lib.Spec | 
     def logp(p, samples):
       p = p if lora is None else lora_lib.merge(lora, base, p)
       return rollout_lib.completion_log_probs(model_config, p, rollout.prompt_tokens,
-                                              rollout.prompt_mask, samples.tokens, samples.mask)
+                                              rollout.prompt_mask, samples.tokens, samples.mask,
+                                              chunk_size=config.model.logprob_chunk)
     return algorithm.loss(params, rollout, config.bond, logp)
 
   return loss_fn
@@ -141,15 +142,17 @@ def make_update_fn(config, model_config: gemma.GemmaConfig,
 
 def make_train_step(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None,
                     optimizer: optax.GradientTransformation):
-  """`train_step(state, batch, rng=None) -> (state, metrics)`: rollout, then update.
+  """`train_step(state, batch, rng=None, with_metrics=True) -> (state, metrics)`: rollout, then
+  update. with_metrics=False skips metric-only passes (`rollout.make_rollout_fn`).
 
   A convenience composition (one jit); the training loop jits the two stages apart.
   """
   rollout_fn = rollout_lib.make_rollout_fn(config, model_config, reward_fn)
   update_fn = make_update_fn(config, model_config, optimizer)
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array | None = None):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array | None = None,
+                 with_metrics: bool | jax.Array = True):
     chex.assert_rank(batch["prompt_tokens"], 2)
-    return update_fn(state, rollout_fn(state, batch, rng))
+    return update_fn(state, rollout_fn(state, batch, rng, with_metrics))
 
   return train_step

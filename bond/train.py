@@ -214,6 +214,13 @@ def _guarded(update_fn):
   return step
 
 
+def _logged(done, config):
+  """Is the step that completes `done` steps logged (an int, or a traced int inside the rollout:
+  both use this one rule): every train.log_every, every eval.every, and the last."""
+  tc = config.train
+  return (done % tc.log_every == 0) | (done % config.eval.every == 0) | (done == tc.num_steps)
+
+
 def _check_finite(finite, step: int, checkpointer: ckpt_lib.Checkpointer) -> None:
   if not bool(finite):
     checkpointer.wait()
@@ -446,7 +453,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     for k, v in exp.table.columns.items()}
   rollout_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim),
                             jax.eval_shape(rollout_fn, state, abstract_batch))
-  jit_rollout = jax.jit(rollout_fn, in_shardings=(state_sh, batch_sh), out_shardings=rollout_sh)
+  def logged_rollout(state, batch):
+    # Metric-only passes (π_ref on J-BOND's policy samples) run on the steps that are logged.
+    return rollout_fn(state, batch, None, _logged(state.step + 1, config))
+
+  jit_rollout = jax.jit(logged_rollout, in_shardings=(state_sh, batch_sh),
+                        out_shardings=rollout_sh)
   jit_update = jax.jit(_guarded(update_fn), in_shardings=(state_sh, rollout_sh),
                        out_shardings=(state_sh, rep, rep), donate_argnums=0)
 
@@ -483,7 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       previous = (finite, done)
       preempted = preemption.reached(done)
       evaluate_now = done % config.eval.every == 0 or done == tc.num_steps
-      log = done % tc.log_every == 0 or done == tc.num_steps or evaluate_now
+      log = bool(_logged(done, config))
       save = done % tc.checkpoint_every == 0 or done == tc.num_steps or preempted
       if log or save:
         _check_finite(finite, done, checkpointer)

@@ -9,13 +9,13 @@ a claims table.
     python experiments/real.py --out /tmp/bond_real_smoke --smoke        # 2 steps a run, tiny eval
     python experiments/real.py --out /tmp/s --smoke --model tiny         # CI smoke, random model
 
-Task: the pretrained Gemma 3 270M (Q4_K_M GGUF from PyPI, dequantized; bf16 compute, f32 params
-and Adam) continues neutral openings (`data/prompts/real_train.jsonl`, 203 prompts; held-out
+Task: the pretrained Gemma 3 270M (Q4_K_M GGUF from PyPI, dequantized; bf16 compute; trained with
+LoRA rank 8 on every attention and MLP projection, one frozen f32 base shared by the policy, the
+EMA anchor and π_ref; adapters and Adam in f32) continues neutral openings (`data/prompts/real_train.jsonl`, 203 prompts; held-out
 `data/prompts/real_eval.jsonl`, 64 prompts; written for this project: reviews, stories, messages,
 emails, news, diary) with 16 new tokens at temperature 1; reward = VADER compound sentiment of the
 completion. Every run starts from `configs/gemma3_270m_jbond.py` and shares: the prompts, 4
-prompts a step, Adam lr 1e-5 (3.3x the paper's 3e-6: batch 4 instead of 128 and 24-40 steps; see
-LR below) with 5 warm-up steps, grad clip 1, train.seed (0; 1 for the `_s1` runs), and the
+prompts a step, LoRA r 8 / alpha 16, Adam lr 2e-4 (see LR below) with 5 warm-up steps, grad clip 1, train.seed (0; 1 for the `_s1` runs), and the
 held-out evaluation (64 prompts, K = 16 cached π_ref samples each, M = 4 policy samples). The
 reference cache is drawn once (by the first run) and installed in every run's workdir, so every
 run is compared with the same π_ref samples and the same sampled Best-of-N points.
@@ -54,9 +54,12 @@ got two of our measurement runs OOM-killed; rerun the command and the run resume
 Offline runs train on OUT/pairs.jsonl: best/worst-of-8 π_ref samples for each training prompt,
 drawn once (`bond.cli.write_bon`, the code of `python -m bond.main --mode=bon`).
 
-LR: 1e-5 (the existing real-model config's) moves a J-BOND policy ~1 nat in 20 steps at η=0.05;
-the sampled Best-of-16 of π_ref is 1.8 nats from π_ref, so 24-40 steps span the range of the
-Best-of-N points. `--set optim.lr=3e-6` gives the paper's value.
+LR and LoRA: full fine-tuning at lr 1e-5 moved a J-BOND policy ~1 nat in 20 steps at η=0.05 but
+peaks at 12-14 GB and writes 4.4 GB checkpoints; with LoRA (issue 17) a run peaks near 5 GB and
+2e-4 moved J-BOND (η = 0.1) 0.52 nats in 15 steps and 0.78 in 30, with held-out reward 0.14 ->
+0.19 and win rate 0.544 ± 0.018 (the pilot, now the run jbond_eta0.1). The sampled Best-of-16 of
+π_ref is 1.8 nats from π_ref. `--set model.lora.rank=0 --set optim.lr=1e-5` gives full
+fine-tuning.
 
 Outputs in OUT: results.csv (every evaluation of every run: run, experiments, seed, step, all
 eval/* metrics with their _se), bon_points.csv (the sampled Best-of-N points), results.md (final
@@ -249,7 +252,14 @@ def base_config(model: str, out: str) -> ml_collections.ConfigDict:
   c.data.batch_size = 4
   c.sampling.max_new_tokens = 16
   c.sampling.temperature = 1.0
-  c.optim.lr = 1e-5
+  # LoRA (issue 17): rank 8 on every attention and MLP projection, one frozen base shared by
+  # policy, EMA anchor and π_ref: ~5 GB instead of 12-14 GB, 1.9M trained parameters, and runs
+  # no longer need a 4.4 GB checkpoint each. `--set model.lora.rank=0 --set optim.lr=1e-5`
+  # gives full fine-tuning.
+  c.model.lora.rank = 8
+  c.model.lora.alpha = 16.0
+  c.model.lora.targets = "attn,mlp"
+  c.optim.lr = 2e-4
   c.optim.warmup_steps = 5
   c.train.log_every = 1
   c.train.keep_checkpoints = 1

@@ -98,13 +98,13 @@ def test_every_run_config_is_valid_and_shares_the_settings(tmp_path):
     # What every run shares.
     seen.add((c.data.batch_size, c.sampling.max_new_tokens, c.sampling.temperature, c.optim.lr,
               c.eval.path, c.eval.num_prompts, c.eval.ref_samples, c.eval.policy_samples,
-              c.model.checkpoint))
+              c.model.checkpoint, c.model.lora.rank, c.model.lora.targets))
     assert c.train.seed == c.data.shuffle_seed == run.seed
     assert c.eval.every * run.evals <= c.train.num_steps
     if run.pairs:
       assert c.data.source == "pairs_jsonl" and c.bond.n == 8
       assert c.bond.beta_ipo == pytest.approx(real.BETA_STAR_8)
-  assert seen == {(4, 16, 1.0, 1e-5, real.EVAL_PROMPTS, 64, 16, 4, "gemma3_270m")}
+  assert seen == {(4, 16, 1.0, 2e-4, real.EVAL_PROMPTS, 64, 16, 4, "gemma3_270m", 8, "attn,mlp")}
   c = real.run_config(real.RUNS["jbond_swap10"], args, str(tmp_path))
   assert (c.bond.anchor, c.bond.swap_every, c.bond.eta) == ("swap", 10, real.FAST_ETA)
   # --set reaches every run; unknown keys fail naming the key.

@@ -295,15 +295,52 @@ def test_no_rows_by_vocab_array(case):
     assert bool(big) == expect_big and bool(big_hlo) == expect_big, (path, big, big_hlo)
 
 
-def test_rollout_switches_to_the_chunked_path(monkeypatch):
-  """`BOND_CHUNKED_LOGPROBS=1` makes rollout.completion_log_probs (rollout, update, held-out
-  evaluation) the chunked path; unset, it is the full-logits path."""
+def test_config_key_chooses_the_path_everywhere(monkeypatch):
+  """`model.logprob_chunk` (default 8192) is the chunk every teacher-forced pass uses: rollout,
+  update (make_loss_fn) and held-out evaluation call rollout.completion_log_probs with it; 0 is
+  the full-logits path."""
   from bond import rollout
   calls = []
-  monkeypatch.setattr(logprobs, "completion_log_probs", lambda *a: calls.append("chunked"))
+  monkeypatch.setattr(logprobs, "completion_log_probs",
+                      lambda *a, chunk_size: calls.append(("chunked", chunk_size)))
   monkeypatch.setattr(logprobs, "completion_log_probs_full", lambda *a: calls.append("full"))
-  monkeypatch.delenv("BOND_CHUNKED_LOGPROBS", raising=False)
-  rollout.completion_log_probs(None, None, None, None, None, None)
-  monkeypatch.setenv("BOND_CHUNKED_LOGPROBS", "1")
-  rollout.completion_log_probs(None, None, None, None, None, None)
-  assert calls == ["full", "chunked"]
+  big, small = presets.get("gemma3_270m"), presets.get("tiny_gemma3")
+  assert big.vocab_size > logprobs.DEFAULT_CHUNK_SIZE > small.vocab_size
+  rollout.completion_log_probs(big, None, None, None, None, None)
+  rollout.completion_log_probs(big, None, None, None, None, None, chunk_size=0)
+  rollout.completion_log_probs(big, None, None, None, None, None, chunk_size=512)
+  rollout.completion_log_probs(small, None, None, None, None, None)     # one chunk: full path
+  rollout.completion_log_probs(small, None, None, None, None, None, chunk_size=2)
+  assert calls == [("chunked", logprobs.DEFAULT_CHUNK_SIZE), "full", ("chunked", 512), "full",
+                   ("chunked", 2)]
+  from bond import defaults
+  assert defaults.get_config().model.logprob_chunk == logprobs.DEFAULT_CHUNK_SIZE
+
+
+def test_training_step_and_evaluation_use_the_configured_chunk(monkeypatch):
+  """One J-BOND step (rollout and update) and one held-out scoring call on the toy pass
+  `model.logprob_chunk` down to every teacher-forced pass, and the step's loss is the same as
+  through the full logits (chunk 0)."""
+  from bond import data as data_lib
+  from bond import heldout, steps, train
+  from configs import toy_jbond
+  seen = []
+  real = logprobs.completion_log_probs
+  def spy(*args, chunk_size):
+    seen.append(chunk_size)
+    return real(*args, chunk_size=chunk_size)
+  monkeypatch.setattr(logprobs, "completion_log_probs", spy)
+  losses = {}
+  for chunk in (2, 0):      # the toy vocabulary has 5 tokens: chunks of 2, 2 and 1; 0: full logits
+    config = toy_jbond.get_config()
+    config.model.logprob_chunk = chunk
+    exp = train.build(config, held_out=True)
+    optimizer = steps.make_optimizer(config.optim)
+    state = steps.init_state(exp.params, optimizer, seed=0)
+    step = jax.jit(steps.make_train_step(config, exp.model_config, exp.reward_fn, optimizer))
+    _, metrics = step(state, data_lib.get_batch(exp.table, 0, config.data.batch_size, 0))
+    losses[chunk] = float(metrics["loss"])
+    ev = heldout.Evaluator(config, exp.model_config, exp.reward_fn, exp.eval_prompts)
+    ev.load_or_draw_cache(exp.params, None)
+  assert seen and set(seen) == {2}, seen          # chunk 0 never calls the chunked path
+  np.testing.assert_allclose(losses[2], losses[0], rtol=1e-5)

@@ -245,6 +245,52 @@ def test_step_kl_estimate_agrees_with_exact_kl(jbond_run):
   assert abs(np.mean(draws) - exact_kl) < 4 * stderr, (np.mean(draws), exact_kl, stderr)
 
 
+@pytest.mark.parametrize("objective,ref_for_loss", [("jbond", False), ("reinforce", True)])
+def test_metric_only_ref_pass_runs_on_logged_steps_only(objective, ref_for_loss, monkeypatch):
+  """with_metrics=False drops J-BOND's π_ref pass on the policy sample (it only feeds
+  kl/policy_ref, then NaN) and changes nothing else; REINFORCE's loss reads that pass, so it
+  always runs. A traced flag (one compiled rollout) picks the same values as the Python bools."""
+  from bond import logprobs
+  from bond import rollout as rollout_lib
+  r = runner(objective)
+  config = r.config
+  fn = rollout_lib.make_rollout_fn(config, r.exp.model_config, r.exp.reward_fn)
+  state, batch, rng = r.init(), r.batch(0), jax.random.PRNGKey(3)
+  calls = []
+  for name in ("completion_log_probs", "completion_log_probs_full"):   # either path counts
+    real = getattr(logprobs, name)
+    monkeypatch.setattr(logprobs, name,
+                        lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+  on = fn(state, batch, rng, True)
+  passes_on = len(calls)
+  off = fn(state, batch, rng, False)
+  passes_off = len(calls) - passes_on
+  assert passes_on - passes_off == (0 if ref_for_loss else 1), calls
+  traced = jax.jit(fn)
+  t_on, t_off = traced(state, batch, rng, jnp.asarray(True)), traced(state, batch, rng, jnp.asarray(False))
+  for a, b in ((on, t_on), (off, t_off)):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), a, b)
+  assert np.all(np.isfinite(on.policy.ref_logp))
+  assert np.all(np.isnan(off.policy.ref_logp)) != ref_for_loss
+  # Everything but the metric-only field is identical.
+  strip = lambda ro: ro.replace(policy=ro.policy.replace(ref_logp=None))  # noqa: E731
+  jax.tree.map(np.testing.assert_array_equal, strip(on), strip(off))
+  if not ref_for_loss:
+    _, m_on = steps.make_update_fn(config, r.exp.model_config, r.optimizer)(state, on)
+    _, m_off = steps.make_update_fn(config, r.exp.model_config, r.optimizer)(state, off)
+    assert np.isnan(m_off["kl/policy_ref"]) and np.isfinite(m_on["kl/policy_ref"])
+    assert float(m_on["loss"]) == float(m_off["loss"])
+
+
+def test_logged_steps_rule():
+  config = toy_jbond.get_config()
+  config.train.update(log_every=10, num_steps=95)
+  config.eval.every = 25
+  logged = [d for d in range(1, 96) if train._logged(d, config)]
+  assert logged == [10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 95]
+  assert bool(train._logged(jnp.asarray(25), config)) and not bool(train._logged(jnp.asarray(26), config))
+
+
 # ---------------------------------------------------------------------------------------------
 # Invariance: BOND-family objectives see rewards only through comparisons.
 
