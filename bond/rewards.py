@@ -160,6 +160,9 @@ def text_reward(score_texts: Callable[[list[str]], np.ndarray], tokenizer) -> Re
     out = jax.ShapeDtypeStruct(completion_tokens.shape[:1], jnp.float32)
     return jax.pure_callback(host, out, completion_tokens, completion_mask)
 
+  # The same scores on numpy arrays, for a training loop that rewards outside any jit
+  # (`rollout.Stages`): the persistent compilation cache stores no program with a callback.
+  reward.host = lambda prompt_tokens, prompt_mask, tokens, mask: host(tokens, mask)
   return reward
 
 

@@ -12,6 +12,7 @@ Shapes: B prompts, P prompt tokens, N completions per prompt, T new tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -88,6 +89,29 @@ def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt
                                        mask, chunk_size=chunk_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stages:
+  """An online rollout in three parts, for rewards computed on the host outside any jit.
+
+  `sample(state, batch, rng=None) -> Samples` draws every completion (anchor's first, then the
+  policy's, concatenated on axis 1; no rewards), `reward_fn.host` scores them as numpy arrays,
+  and `finish(state, batch, samples, rewards [B, N], with_metrics=True) -> Rollout` adds the
+  no-grad log-probs. `rollout_fn` is the same composition in one function, the reward inside it
+  through `jax.pure_callback`. JAX's persistent compilation cache stores no program with a host
+  callback, so a training loop that jits `sample` and `finish` apart compiles them once per
+  config and machine instead of on every run (bond/train.py does on one process).
+  """
+
+  sample: Callable[..., Samples]
+  finish: Callable[..., Rollout]
+
+
+def make_rollout_stages(config, model_config: gemma.GemmaConfig,
+                        reward_fn: RewardFn | None) -> Stages:
+  """The `Stages` of `make_rollout_fn`'s online rollout (same numbers, same rng use)."""
+  return _make(config, model_config, reward_fn)[1]
+
+
 def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
   """`rollout_fn(state, batch, rng=None, with_metrics=True) -> Rollout` for `config.bond.objective`.
 
@@ -98,6 +122,10 @@ def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn
   (J-BOND, BOND with a moving anchor); their ref_logp, and so that metric, are then NaN. The
   training loop passes True on the steps it logs.
   """
+  return _make(config, model_config, reward_fn)[0]
+
+
+def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
   bc, sc = config.bond, config.sampling
   algorithm = objectives.get_objective(bc.objective)
   num_anchor, num_policy = algorithm.anchor_samples(bc), algorithm.policy_samples(bc)
@@ -141,14 +169,25 @@ def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn
       return nan()
     return jax.lax.cond(with_metrics, score, nan)
 
-  def online(state, batch, rng, with_metrics):
+  def sample(state, batch, rng=None):
+    if rng is None:
+      rng = jax.random.fold_in(state.rng, state.step)
+    state = jax.lax.stop_gradient(state)
     rng_anchor, rng_policy = jax.random.split(rng)
     anchor = draw(state.anchor(), batch, rng_anchor, num_anchor) if num_anchor else None
     policy = draw(state.policy(), batch, rng_policy, num_policy)
-    both = policy if anchor is None else anchor.concat(policy)
-    r = rewards(batch, both)
-    if anchor is not None:
-      anchor = anchor.replace(rewards=r[:, :num_anchor])
+    return policy if anchor is None else anchor.concat(policy)
+
+  def finish(state, batch, both, r, with_metrics=True):
+    state = jax.lax.stop_gradient(state)
+    r = jax.lax.stop_gradient(jnp.asarray(r, jnp.float32))
+    anchor = None
+    if num_anchor:
+      take = lambda s, lo, hi: jax.tree.map(lambda x: None if x is None else x[:, lo:hi], s)  # noqa: E731
+      anchor = take(both, 0, num_anchor).replace(rewards=r[:, :num_anchor])
+      policy = take(both, num_anchor, num_anchor + num_policy)
+    else:
+      policy = both
     policy = policy.replace(rewards=r[:, num_anchor:],
                             ref_logp=ref_logp(state, batch, policy, with_metrics))
     if algorithm.policy_anchor_logp:
@@ -159,10 +198,12 @@ def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn
 
   def rollout_fn(state, batch: dict[str, Array], rng: Array | None = None,
                  with_metrics: bool | Array = True) -> Rollout:
-    if rng is None:
-      rng = jax.random.fold_in(state.rng, state.step)
-    state = jax.lax.stop_gradient(state)
-    return offline(state, batch) if algorithm.offline else online(state, batch, rng, with_metrics)
+    if algorithm.offline:
+      return offline(jax.lax.stop_gradient(state), batch)
+    both = sample(state, batch, rng)
+    return finish(state, batch, both, rewards(batch, both), with_metrics)
+
+  return rollout_fn, Stages(sample, finish)
 
   return rollout_fn
 

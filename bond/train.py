@@ -34,6 +34,7 @@ from bond import data as data_lib
 from bond import evaluate
 from bond import heldout
 from bond import lora as lora_lib
+from bond import objectives
 from bond import rollout as rollout_lib
 from bond import sharding
 from bond import steps
@@ -212,6 +213,42 @@ def _guarded(update_fn):
     return state, metrics, jnp.all(jnp.isfinite(jnp.stack([metrics[k] for k in GUARDED])))
 
   return step
+
+
+def _host_reward(config, exp: Experiment):
+  """The reward's numpy scorer when the rollout can run it between two jits (online objective,
+  one process, a host-side reward such as VADER), else None."""
+  host = getattr(exp.reward_fn, "host", None)
+  online = not objectives.get_objective(config.bond.objective).offline
+  return host if online and jax.process_count() == 1 else None
+
+
+def _staged_rollout(config, mc, exp: Experiment, state, abstract_batch, state_sh, batch_sh,
+                    rollout_sh, mesh):
+  """`jit_rollout(state, batch)` as two jits with the host reward between them
+  (`rollout.Stages`): both jits have no host callback, so the persistent compilation cache
+  keeps them and a rerun of the config starts without compiling its rollout."""
+  stages = rollout_lib.make_rollout_stages(config, mc, exp.reward_fn)
+  host = _host_reward(config, exp)
+  samples_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim),
+                            jax.eval_shape(stages.sample, state, abstract_batch))
+  jit_sample = jax.jit(stages.sample, in_shardings=(state_sh, batch_sh), out_shardings=samples_sh)
+  jit_finish = jax.jit(
+      lambda state, batch, samples, r: stages.finish(state, batch, samples, r,
+                                                     _logged(state.step + 1, config)),
+      in_shardings=(state_sh, batch_sh, samples_sh, sharding.batch_sharding(mesh, 2)),
+      out_shardings=rollout_sh)
+
+  def rollout(state, batch):
+    samples = jit_sample(state, batch)
+    tokens, mask = np.asarray(samples.tokens), np.asarray(samples.mask)
+    b, n, t = tokens.shape
+    rep = lambda x: np.repeat(np.asarray(x), n, axis=0)  # noqa: E731
+    r = np.asarray(host(rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
+                        tokens.reshape(b * n, t), mask.reshape(b * n, t)), np.float32)
+    return jit_finish(state, batch, samples, r.reshape(b, n))
+
+  return rollout
 
 
 def _logged(done, config):
@@ -459,6 +496,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   jit_rollout = jax.jit(logged_rollout, in_shardings=(state_sh, batch_sh),
                         out_shardings=rollout_sh)
+  if _host_reward(config, exp) is not None:
+    jit_rollout = _staged_rollout(config, mc, exp, state, abstract_batch, state_sh, batch_sh,
+                                  rollout_sh, mesh)
   jit_update = jax.jit(_guarded(update_fn), in_shardings=(state_sh, rollout_sh),
                        out_shardings=(state_sh, rep, rep), donate_argnums=0)
 

@@ -23,33 +23,30 @@ run is compared with the same π_ref samples and the same sampled Best-of-N poin
 Runs (workdir OUT/runs/NAME; experiments in brackets; * = off by default, `--experiment should`),
 with the steps and evaluations of each and the estimated wall time (`--plan`):
 
-  [1,2] jbond_eta0.1        J-BOND β=0.5, EMA η=0.1 (the "fast η"; headline)  30 st, 2 ev  15 min
-  [1]   jbond_eta0.1_s1     the same, train.seed=1                            30 st, 2 ev  15 min
-  [1]   jbond_eta0.02       J-BOND β=0.5, EMA η=0.02 (paper)                  30 st, 2 ev  15 min
+  [1,2] jbond_eta0.1        J-BOND β=0.5, EMA η=0.1 (the "fast η"; headline)  30 st, 2 ev   9 min
+  [1]   jbond_eta0.1_s1     the same, train.seed=1                            30 st, 2 ev   9 min
+  [1]   jbond_eta0.02       J-BOND β=0.5, EMA η=0.02 (paper)                  30 st, 2 ev   9 min
   [1]   reinforce_B         REINFORCE+KL, RLOO over 2 samples, each of
-                            β_RL=B ∈ {0.001, 0.01, 0.1, 1}                    30 st, 2 ev  13 min
-  [1]   reinforce_0.01_s1   second seed of REINFORCE (headline)               30 st, 2 ev  13 min
-  [2]   jbond_swap10        J-BOND, hard anchor swaps every 1/η = 10 steps     30 st, 2 ev  15 min
-  [3]   bonbon              α·SFT + (1−α)·IPO, α=0.005, β*_8=0.0275482094     40 st, 1 ev  11 min
+                            β_RL=B ∈ {0.001, 0.01, 0.1, 1}                    30 st, 2 ev   7 min
+  [1]   reinforce_0.01_s1   second seed of REINFORCE (headline)               30 st, 2 ev   7 min
+  [2]   jbond_swap10        J-BOND, hard anchor swaps every 1/η = 10 steps     30 st, 2 ev   9 min
+  [3]   bonbon              α·SFT + (1−α)·IPO, α=0.005, β*_8=0.0275482094     40 st, 1 ev   6 min
   [3]   bonbon_dpo          α·SFT + (1−α)·DPO (the authors' code path,
-                            objective 'bonbon_dpo')                           40 st, 1 ev  11 min
-  [3]   dpo, ipo            each: β = β*_8, the same best/worst-of-8 pairs    40 st, 1 ev  11 min
+                            objective 'bonbon_dpo')                           40 st, 1 ev   6 min
+  [3]   dpo, ipo            each: β = β*_8, the same best/worst-of-8 pairs    40 st, 1 ev   6 min
   [4]   bond_{bwd,jeffreys}_{lq,ties}  each: backward-KL / Jeffreys BOND vs
-                            Best-of-4, k=4, log-quantile vs tie-exact reward  24 st, 1 ev  11-12 min
+                            Best-of-4, k=4, log-quantile vs tie-exact reward  24 st, 1 ev   6 min
   [*]   reinforce_0.1_s1, jeffreys_beta{0,0.5,1}_n8 (vs Best-of-8, k=16; C1-C2),
         iterative_n2 (n=2, swap every 10) and bond_n{4,8,16} (C4-C5),
-        jbond_eta{0.01,0.05}, jbond_gamma{0.5,1} (C8-C9)                  30 st, 2 ev  3.2 h in all
+        jbond_eta{0.01,0.05}, jbond_gamma{0.5,1} (C8-C9)                  30 st, 2 ev  ~1.7 h in all
 
-Time of the must-have grid: experiment 1 109 min, 2 15 min, 3 45 min (34 without bonbon_dpo),
-4 45 min, shared inputs 6 min (reference cache, pairs): 3.7 h in all (`--plan`), from the
-constants below, measured on the real model with other jobs on the same 2 cores; an idle
-machine is about twice as fast. Evaluations: every 15 steps in experiments 1-2 (a reward/KL
-curve with two points besides π_ref), at the end in 3-4.
+Time of the must-have grid on an idle machine (`--plan`, from the constants below): experiment 1
+62 min, 2 9 min, 3 23 min, 4 25 min, shared inputs 6 min: 2.1 h in all. Evaluations: every 15
+steps in experiments 1-2 (a reward/KL curve with two points besides π_ref), at the end in 3-4.
 
-Memory: a real-model run peaks at 12-14 GB RSS (measured 12.3 and 14.3 GB); 18 GB when the
-asynchronous mid-run checkpoint coincided with an evaluation in calls of 64 sequences (so it is
-now written one step later, and evaluation calls are 32 sequences, as in the config). Other jobs holding 9-15 GB of this 23 GB machine
-got two of our measurement runs OOM-killed; rerun the command and the run resumes.
+Memory: with LoRA a run peaks near 5 GB RSS (full fine-tuning: 12-14 GB, and 18 GB when the
+asynchronous mid-run checkpoint coincided with an evaluation in calls of 64 sequences, so the
+checkpoint is written one step after an evaluation and evaluation calls are 32 sequences).
 
 Offline runs train on OUT/pairs.jsonl: best/worst-of-8 π_ref samples for each training prompt,
 drawn once (`bond.cli.write_bon`, the code of `python -m bond.main --mode=bon`).
@@ -71,8 +68,8 @@ docs/figures/real/.
 
 Resuming: a run whose workdir holds DONE.json with the same config is skipped; a killed run
 resumes from its last checkpoint (one mid-run checkpoint, the step after its mid-run evaluation
-or at mid-run) through `bond.train.train_and_evaluate`. A finished run's checkpoints (4.4 GB each
-on the real model) are deleted unless --keep-checkpoints; its metrics, samples, plots and
+or at mid-run) through `bond.train.train_and_evaluate`. A finished run's checkpoints (on the real model 4.4 GB each
+with full fine-tuning, a few MB with LoRA) are deleted unless --keep-checkpoints; its metrics, samples, plots and
 reference cache stay.
 """
 
@@ -202,20 +199,19 @@ RUNS = _runs()
 EXPERIMENTS = ("1", "2", "3", "4", "should")
 MUST = [n for n, r in RUNS.items() if not r.should]
 
-# Measured on the real model through this runner (2 CPU cores shared with other jobs, load
-# average 4-5, our process got 65-76% of the CPU; docs/real_results.md): seconds per training
-# step by objective family (4 prompts, 16 new tokens; median of the steps without an
-# evaluation), per run besides its steps and evaluations (model and tokenizer load, compiling
-# the first step, checkpoints, plots), per held-out evaluation (64 prompts, K = 16, M = 4; 203 s
-# and 208 s measured for a run's first, which compiles the evaluation), and the shared inputs
-# (the reference cache took 69-180 s; the pairs are extrapolated from 52 s for 8 prompts with
-# compile). bond_jeffreys was not measured: bond_bwd plus one teacher-forced pass. On an idle
-# machine steps are ~2x faster (5.3 s/step for J-BOND at 12 tokens in the README).
-STEP_S = {"jbond": 14.6, "reinforce": 10.3, "bond_bwd": 15.3, "bond_jeffreys": 16.5,
-          "offline": 10.2}
+# Seconds per training step by objective family (4 prompts, 16 new tokens, LoRA r 8), per run
+# besides its steps and evaluations (model and tokenizer load, compiling the first step, plots),
+# per held-out evaluation (64 prompts, K = 16, M = 4), and the shared inputs, on an idle machine.
+# Measured through this runner: J-BOND 5.1 s/step, evaluations 115-124 s (the run jbond_eta0.1,
+# alone on the 2 cores). The other families are scaled from J-BOND by their measured ratios under
+# full fine-tuning (REINFORCE 0.71x, backward-KL BOND 1.05x, Jeffreys 1.13x, offline 0.70x);
+# overheads and shared inputs are the full fine-tuning measurements (first steps compile in about
+# the same time with LoRA: 72 s vs 71 s for J-BOND). On a machine shared with other jobs the
+# grid's runs took 1.3-4x longer (docs/real_results.md, Wall time).
+STEP_S = {"jbond": 5.1, "reinforce": 3.6, "bond_bwd": 5.4, "bond_jeffreys": 5.8, "offline": 3.6}
 RUN_OVERHEAD_S = {"jbond": 125.0, "reinforce": 90.0, "bond_bwd": 118.0, "bond_jeffreys": 120.0,
                   "offline": 85.0}
-EVAL_S = 180.0
+EVAL_S = 120.0
 SHARED_S = {"reference cache (64 x 16 samples)": 130.0, "best/worst-of-8 pairs (203 x 8)": 250.0}
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Compiling an online step (sampler + several model passes + grads) dominates the 
 objective's step is compiled once per session (`runner`) and shared between tests.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -419,3 +420,62 @@ def test_offline_step_matches_enumerated_loss(objective):
 
 if __name__ == "__main__":
   _sharding_worker()
+
+
+# ---------------------------------------------------------------------------------------------
+# A host-side reward between two jits (rollout.Stages): the same rollout, the same run.
+
+
+def _with_host(reward_fn):
+  """reward_fn with a numpy `.host` scorer, as rewards.text_reward builds for VADER."""
+  def reward(*args):
+    return reward_fn(*args)
+  reward.host = lambda *args: np.asarray(reward_fn(*args))
+  return reward
+
+
+@pytest.mark.parametrize("objective", ["jbond", "reinforce"])
+def test_staged_rollout_equals_the_one_jit_rollout(objective):
+  """sample -> host reward -> finish, jitted apart, gives the rollout_fn's Rollout."""
+  from bond import rollout as rollout_lib
+  r = runner(objective)
+  config, state, batch = r.config, r.init(), r.batch(0)
+  stages = rollout_lib.make_rollout_stages(config, r.exp.model_config, r.exp.reward_fn)
+  want = jax.jit(rollout_lib.make_rollout_fn(config, r.exp.model_config, r.exp.reward_fn))(
+      state, batch)
+  samples = jax.jit(stages.sample)(state, batch)
+  b, n, t = samples.tokens.shape
+  rep = lambda x: np.repeat(np.asarray(x), n, axis=0)  # noqa: E731
+  rewards = np.asarray(r.exp.reward_fn(rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
+                                       np.asarray(samples.tokens).reshape(b * n, t),
+                                       np.asarray(samples.mask).reshape(b * n, t))).reshape(b, n)
+  got = jax.jit(stages.finish)(state, batch, samples, rewards)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), got, want)
+
+
+@pytest.mark.slow
+def test_training_loop_with_a_host_reward_runs_the_same_job(tmp_path, monkeypatch):
+  """A reward with `.host` takes the staged path in bond/train.py (no callback in any jitted
+  rollout program); its run logs the same metrics as the one-jit rollout's run."""
+  from bond import rollout as rollout_lib
+  config = toy_jbond.get_config()
+  config.train.update(num_steps=6, log_every=2, checkpoint_every=6)
+  config.eval.sampled = False
+  train.train_and_evaluate(config, str(tmp_path / "one_jit"))
+  real_build, staged = train.build, []
+  monkeypatch.setattr(train, "build", lambda *a, **k: (lambda e: dataclasses.replace(
+      e, reward_fn=_with_host(e.reward_fn)))(real_build(*a, **k)))
+  real_stages = rollout_lib.make_rollout_stages
+  monkeypatch.setattr(rollout_lib, "make_rollout_stages",
+                      lambda *a: staged.append(1) or real_stages(*a))
+  train.train_and_evaluate(config, str(tmp_path / "staged"))
+  assert staged, "the host reward did not take the staged path"
+  read = lambda w: [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")}  # noqa: E731
+                    for l in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
+  one, two = read("one_jit"), read("staged")
+  assert [r["step"] for r in one] == [r["step"] for r in two] == [2, 4, 6]
+  for a, b in zip(one, two):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
