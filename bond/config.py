@@ -33,6 +33,7 @@ from bond.models import presets
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "sampling.cpu_kernels": ("auto", "on", "off"),
     "data.source": ("toy", "jsonl", "tfds", "pairs_jsonl"),
     "data.prompt_truncation": ("keep_end", "keep_start"),
     "reward.kind": ("toy", "vader", "length", "model"),

@@ -116,7 +116,8 @@ class Evaluator:
     """n samples per prompt of the untempered model: tokens, mask [c, n, T], log-probs [c, n]."""
     out = sampling.sample_fn(self.model_config, params, prompts["prompt_tokens"],
                              prompts["prompt_mask"], rng, max_new_tokens=self.t, num_samples=n,
-                             temperature=1.0, eos_id=self.model_config.eos_id)
+                             temperature=1.0, eos_id=self.model_config.eos_id,
+                             cpu_kernels=rollout_lib.cpu_kernels(self.config))
     return out.tokens, out.mask, jnp.sum(out.logprobs, axis=-1)
 
   def _score_impl(self, params, prompts, tokens, mask):

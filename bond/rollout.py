@@ -106,6 +106,11 @@ class Stages:
   finish: Callable[..., Rollout]
 
 
+def cpu_kernels(config) -> bool | None:
+  """`sampling.cpu_kernels` ('auto' | 'on' | 'off') as `sampling.sample_fn`'s cpu_kernels."""
+  return {"auto": None, "on": True, "off": False}[config.sampling.get("cpu_kernels", "auto")]
+
+
 def make_rollout_stages(config, model_config: gemma.GemmaConfig,
                         reward_fn: RewardFn | None) -> Stages:
   """The `Stages` of `make_rollout_fn`'s online rollout (same numbers, same rng use)."""
@@ -142,7 +147,8 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
     out = sampling.sample_fn(
         model_config, params, batch["prompt_tokens"], batch["prompt_mask"], rng,
         max_new_tokens=sc.max_new_tokens, num_samples=n, temperature=sc.temperature,
-        top_k=sc.top_k, top_p=sc.top_p, eos_id=model_config.eos_id)
+        top_k=sc.top_k, top_p=sc.top_p, eos_id=model_config.eos_id,
+        cpu_kernels=cpu_kernels(config))
     return Samples(out.tokens, out.mask, logp=jnp.sum(out.logprobs, axis=-1))
 
   def rewards(batch, samples):

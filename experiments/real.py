@@ -344,10 +344,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """'key: old -> new' for each config value (but IGNORED_KEYS) that differs."""
+  """'key: old -> new' for each config value (but IGNORED_KEYS) that differs. A key the saved
+  config lacks (added to bond/defaults.py after the run finished) counts only when the new value
+  is not its default: e.g. `sampling.cpu_kernels` or `model.logprob_chunk` at their defaults
+  leave a finished run finished."""
+  from bond import defaults
   old, new = _flat(saved), _flat(json.loads(config.to_json()))
+  default = _flat(json.loads(defaults.get_config().to_json()))
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-          if k not in IGNORED_KEYS and old.get(k) != new.get(k)]
+          if k not in IGNORED_KEYS and old.get(k) != new.get(k)
+          and not (k not in old and k in default and new.get(k) == default[k])]
 
 
 def run_status(workdir: str, config) -> tuple[str, list[str]]:

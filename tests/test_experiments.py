@@ -162,6 +162,15 @@ def test_run_status_resume_and_stale(tmp_path):
   config.bond.eta = 0.3
   status, diff = real.run_status(workdir, config)
   assert status == "stale" and diff == ["bond.eta: 0.1 -> 0.3"]
+  # A key added to bond after the run finished counts only away from its default.
+  config.bond.eta = 0.1
+  done = os.path.join(workdir, "DONE.json")
+  saved = json.load(open(done))
+  del saved["config"]["sampling"]["cpu_kernels"]
+  json.dump(saved, open(done, "w"))
+  assert real.run_status(workdir, config) == ("done", [])
+  config.sampling.cpu_kernels = "off"
+  assert real.run_status(workdir, config) == ("stale", ["sampling.cpu_kernels: None -> 'off'"])
   t = real.timing(real.read_records(workdir))
   assert t["step_s"] == pytest.approx(10.0) and t["eval_s"] == [3.0, 3.0]
 

@@ -479,3 +479,27 @@ def test_training_loop_with_a_host_reward_runs_the_same_job(tmp_path, monkeypatc
     assert a.keys() == b.keys()
     for k in a:
       np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_sampling_cpu_kernels_key_reaches_every_sampler_call(monkeypatch):
+  """`sampling.cpu_kernels` (auto | on | off) is the decode backend choice of the rollout's and
+  the held-out evaluation's sampler calls."""
+  from bond import heldout, sampling
+  from bond import rollout as rollout_lib
+  seen = []
+  real = sampling.sample_fn
+  def spy(*args, cpu_kernels=None, **kwargs):
+    seen.append(cpu_kernels)
+    return real(*args, **kwargs)              # the toy computes in f32: XLA either way
+  monkeypatch.setattr(sampling, "sample_fn", spy)
+  r = runner("jbond")
+  for value, expected in (("auto", None), ("on", True), ("off", False)):
+    config = canonical_config("jbond")
+    config.sampling.cpu_kernels = value
+    config.eval.update(num_prompts=4, ref_samples=2, policy_samples=1)
+    seen.clear()
+    rollout_lib.make_rollout_fn(config, r.exp.model_config, r.exp.reward_fn)(r.init(), r.batch(0))
+    exp = train.build(config, held_out=True)
+    heldout.Evaluator(config, exp.model_config, exp.reward_fn, exp.eval_prompts
+                      ).load_or_draw_cache(exp.params, None)
+    assert len(seen) == 3 and set(seen) == {expected}, (value, seen)   # anchor, policy, cache
