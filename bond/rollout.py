@@ -18,6 +18,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bond import logprobs
 from bond import objectives
@@ -106,6 +107,17 @@ class Stages:
   finish: Callable[..., Rollout]
 
 
+def score_samples(reward_fn, batch: dict, samples: Samples, xp=np):
+  """reward_fn over every completion: samples [B, N, T] -> rewards [B, N]. Each prompt row is
+  repeated N times; xp = jnp inside a jit, np for a host scorer (`reward_fn.host`)."""
+  b, n, t = samples.tokens.shape
+  rep = lambda x: xp.repeat(xp.asarray(x), n, axis=0)  # noqa: E731
+  r = reward_fn(rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
+                xp.asarray(samples.tokens).reshape(b * n, t),
+                xp.asarray(samples.mask).reshape(b * n, t))
+  return xp.asarray(r).reshape(b, n)
+
+
 def cpu_kernels(config) -> bool | None:
   """`sampling.cpu_kernels` ('auto' | 'on' | 'off') as `sampling.sample_fn`'s cpu_kernels."""
   return {"auto": None, "on": True, "off": False}[config.sampling.get("cpu_kernels", "auto")]
@@ -152,11 +164,7 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
     return Samples(out.tokens, out.mask, logp=jnp.sum(out.logprobs, axis=-1))
 
   def rewards(batch, samples):
-    b, n, t = samples.tokens.shape
-    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-    r = reward_fn(rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
-                  samples.tokens.reshape(b * n, t), samples.mask.reshape(b * n, t))
-    return jax.lax.stop_gradient(r.reshape(b, n).astype(jnp.float32))
+    return jax.lax.stop_gradient(score_samples(reward_fn, batch, samples, jnp).astype(jnp.float32))
 
   def offline(state, batch):
     pairs = Samples(jnp.stack([batch["chosen_tokens"], batch["rejected_tokens"]], axis=1),
@@ -189,7 +197,7 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
     r = jax.lax.stop_gradient(jnp.asarray(r, jnp.float32))
     anchor = None
     if num_anchor:
-      take = lambda s, lo, hi: jax.tree.map(lambda x: None if x is None else x[:, lo:hi], s)  # noqa: E731
+      take = lambda s, lo, hi: jax.tree.map(lambda x: x[:, lo:hi], s)  # noqa: E731
       anchor = take(both, 0, num_anchor).replace(rewards=r[:, :num_anchor])
       policy = take(both, num_anchor, num_anchor + num_policy)
     else:

@@ -241,12 +241,8 @@ def _staged_rollout(config, mc, exp: Experiment, state, abstract_batch, state_sh
 
   def rollout(state, batch):
     samples = jit_sample(state, batch)
-    tokens, mask = np.asarray(samples.tokens), np.asarray(samples.mask)
-    b, n, t = tokens.shape
-    rep = lambda x: np.repeat(np.asarray(x), n, axis=0)  # noqa: E731
-    r = np.asarray(host(rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
-                        tokens.reshape(b * n, t), mask.reshape(b * n, t)), np.float32)
-    return jit_finish(state, batch, samples, r.reshape(b, n))
+    r = rollout_lib.score_samples(host, batch, samples).astype(np.float32)
+    return jit_finish(state, batch, samples, r)
 
   return rollout
 
