@@ -7,7 +7,7 @@ training; the teacher-forced passes use the chunked log-probs (the default,
 `model.logprob_chunk`; `--full-logprobs` for the full logits). Step time = the median of the per-step wall times after the first `--warmup` steps
 (time/elapsed_s in metrics.jsonl); compile+first step is reported apart.
 
-  python benchmarks/lora_memory.py                       # full, lora (bf16 base), qlora (int8)
+  python benchmarks/lora_memory.py                       # every variant below
   python benchmarks/lora_memory.py --only lora,qlora --steps 6
 """
 
@@ -29,7 +29,10 @@ VARIANTS = {
     "full": ["--config.model.lora.rank=0", "--config.model.param_dtype=float32",
              "--config.optim.lr=1e-5"],                         # = configs/gemma3_270m_jbond.py
     "lora": [],                                                   # rank 8, bf16 base
-    "qlora": ["--config.model.lora.base_dtype=int8"],
+    "qlora": ["--config.model.lora.base_dtype=int8"],       # int8 layers, bf16 tied embedding
+    # int8 embedding too: every pass dequantizes all of it (a bf16 copy in flight).
+    "qlora_embed": ["--config.model.lora.base_dtype=int8",
+                    "--config.model.lora.quantize_embedding=True"],
     # The XLA decode path instead of the AVX512-BF16 kernels, which pack a copy of the weights
     # in every sampler call (~0.4 GB of temporaries on this model).
     "lora_xla": ["--config.sampling.cpu_kernels=off"],

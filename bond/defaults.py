@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.lora.base_dtype = ""      # stored frozen base: '' (= model.param_dtype) | float32
   #                                   | bfloat16 | int8 (QLoRA: per-channel int8, dequantized
   #                                   to model.dtype on use)
+  c.model.lora.quantize_embedding = False  # int8 base: quantize the tied embedding too (default
+  #                                   no: each pass would hold its dequantized copy, see lora.py)
 
   c.task = ml_collections.ConfigDict()   # the exact toy harness (bond.toy.make_task)
   c.task.num_prompts = 4

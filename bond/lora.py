@@ -72,6 +72,7 @@ class Spec:
   targets: tuple[tuple[int, str], ...]   # (layer, projection), sorted
   dtype: Any                             # compute dtype of the model (merged weights' dtype)
   base_dtype: str = ""                   # '' (= model.param_dtype), float32, bfloat16, int8
+  quantize_embedding: bool = False       # int8 base: the tied embedding too (default: kept)
 
   @property
   def scale(self) -> float:
@@ -132,6 +133,9 @@ def check_config(lora_config) -> None:
   if rank == 0 and lora_config.base_dtype:
     raise ValueError(f"model.lora.base_dtype={lora_config.base_dtype!r} needs model.lora.rank > 0 "
                      "(the frozen base only exists with LoRA)")
+  if lora_config.get("quantize_embedding", False) and lora_config.base_dtype != "int8":
+    raise ValueError("model.lora.quantize_embedding=True needs model.lora.base_dtype='int8', got "
+                     f"{lora_config.base_dtype!r}")
 
 
 def spec_from_config(config, model_config) -> Spec | None:
@@ -142,7 +146,8 @@ def spec_from_config(config, model_config) -> Spec | None:
     return None
   return Spec(rank=int(lc.rank), alpha=float(lc.alpha),
               targets=resolve_targets(lc.targets, model_config.num_layers),
-              dtype=model_config.dtype, base_dtype=lc.base_dtype)
+              dtype=model_config.dtype, base_dtype=lc.base_dtype,
+              quantize_embedding=bool(lc.get("quantize_embedding", False)))
 
 
 def _key(layer: int) -> str:
@@ -225,11 +230,15 @@ def _quantize(w: jax.Array, axis: int) -> QTensor:
   return QTensor(jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8), scale)
 
 
-def quantize(params: Params) -> Params:
-  """int8 base: every weight of rank >= 2 becomes a `QTensor` (per-output-channel absmax/127;
-  the embedding per vocabulary row), norms stay as they are."""
+def quantize(params: Params, embedding: bool = False) -> Params:
+  """int8 base: every layer weight of rank >= 2 becomes a `QTensor` (per-output-channel
+  absmax/127), norms stay as they are. The tied embedding is quantized (per vocabulary row) only
+  with `embedding=True`: every jitted pass needs all of it (the logits), so an int8 embedding is
+  dequantized whole inside each pass and its bf16 copy in flight costs more than int8 storage
+  saves (QLoRA as in bitsandbytes/PEFT keeps embeddings and the LM head in 16 bits too); the
+  layers' int8 weights are dequantized into the merge with their adapters' deltas."""
   def q(path, w):
-    if w.ndim < 2:
+    if w.ndim < 2 or (path[-1].key == "input_embedding" and not embedding):
       return w
     return _quantize(w, w.ndim - 1 if path[-1].key == "input_embedding" else 0)
   return jax.tree_util.tree_map_with_path(q, params)
@@ -246,7 +255,7 @@ def dequantize(base: Params, dtype=None) -> Params:
 def make_base(spec: Spec, params: Params) -> Params:
   """The stored frozen base of `params`: cast to spec.base_dtype, or int8-quantized."""
   if spec.base_dtype == "int8":
-    return quantize(params)
+    return quantize(params, embedding=spec.quantize_embedding)
   if spec.base_dtype:
     return jax.tree.map(lambda x: jnp.asarray(x, spec.base_dtype), params)
   return params

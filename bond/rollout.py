@@ -142,6 +142,14 @@ def make_rollout_fn(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn
   return _make(config, model_config, reward_fn)[0]
 
 
+def _after(done, state):
+  """(done, state), with `state` usable only once `done` is computed: the next model view
+  (a LoRA merge of base and adapters, an int8 base dequantized, the CPU kernels' packed weights)
+  is then built after the previous pass has finished, so one such copy of the weights is live at
+  a time instead of all of them (XLA hoists the cheap merges otherwise). An identity."""
+  return jax.lax.optimization_barrier((done, state))
+
+
 def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
   bc, sc = config.bond, config.sampling
   algorithm = objectives.get_objective(bc.objective)
@@ -189,6 +197,8 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
     state = jax.lax.stop_gradient(state)
     rng_anchor, rng_policy = jax.random.split(rng)
     anchor = draw(state.anchor(), batch, rng_anchor, num_anchor) if num_anchor else None
+    if anchor is not None:
+      anchor, state = _after(anchor, state)
     policy = draw(state.policy(), batch, rng_policy, num_policy)
     return policy if anchor is None else anchor.concat(policy)
 

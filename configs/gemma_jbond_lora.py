@@ -17,12 +17,13 @@ than a whole v5e-8 (128 GiB). With LoRA one base is stored and only the adapters
     remat residuals, 384 x 768 x 2048 x bf16 x 18 layers = 20 GiB / 8   2.5 GiB
                                                                    total ~4.8 GiB of 16
   7b_v5e8 (fsdp 8, B = 32: Gemma 7B's 16 KV heads make the cache 16x the 2B's per row):
-    base int8 8.54B x 1 B = 7.95 GiB / 8 (+ f32 per-channel scales, 0.01 GiB)   1.0 GiB
-    the dequantized (merged) bf16 weights while a pass runs, 15.9 GiB / 8   2.0 GiB
+    base: layers int8 7.75B x 1 B = 7.22 GiB, the tied embedding bf16 (not quantized by
+      default, model.lora.quantize_embedding) 0.79B x 2 B = 1.46 GiB; 8.7 GiB / 8   1.1 GiB
+    the merged bf16 layer weights while a pass runs, 14.4 GiB / 8   1.8 GiB
     adapters r 16 50.0M x 4 B x 5, replicated                      0.93 GiB
     KV cache, 96 rows x 768 x 28 x 2 x 16 x 256 x bf16 = 33.8 GiB / 8   4.2 GiB
     remat residuals, 96 x 768 x 3072 x bf16 x 28 = 11.8 GiB / 8     1.5 GiB
-                                                                   total ~9.6 GiB of 16
+                                                                   total ~9.5 GiB of 16
   7b_v5p8 (fsdp 4, B = 128):
     base bf16 8.54B x 2 B = 15.9 GiB / 4, and a merged copy in flight   8.0 GiB
     adapters, replicated                                           0.93 GiB

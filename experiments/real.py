@@ -956,7 +956,15 @@ def timing_table(res: Results, names: list[str]) -> str:
   if not rows:
     return "No finished runs.\n"
   rows.append(["**total**", "", f"**{total:.0f}** ({total / 3600:.2f} h)", "", "", "", ""])
-  return _md_table(header, rows) + "\n"
+  per_exp: dict[str, float] = {}
+  for n in names:
+    if n in res.done and n in RUNS:
+      first = RUNS[n].experiments[0]
+      per_exp[first] = per_exp.get(first, 0.0) + res.done[n]["wall_s"]
+  by_exp = ("Measured wall time per experiment (a run counted in its first experiment; the shared "
+            "reference cache and pairs not included): " + ", ".join(
+                f"{k}: {v / 60:.0f} min" for k, v in per_exp.items()) + ".")
+  return _md_table(header, rows) + "\n\n" + by_exp + "\n"
 
 
 def claims_table(rows: list[dict]) -> str:

@@ -6,6 +6,7 @@ base's bytes before and after training, NumPy arithmetic for the EMA of the fact
 transformers reload of a merged export, and the exact toy harness for J-BOND with LoRA.
 """
 
+import dataclasses
 import json
 import os
 
@@ -18,6 +19,7 @@ from safetensors.numpy import load_file
 from bond import config as config_lib
 from bond import data as data_lib
 from bond import lora, steps, toy, train
+from bond import rollout as rollout_lib
 from bond.models import convert, gemma, presets
 from configs import toy_jbond, toy_jbond_lora
 
@@ -54,6 +56,8 @@ def test_targets_resolve_names_aliases_and_regexes():
     ({"rank": 4, "targets": " , "}, "must name at least one projection"),
     ({"rank": 4, "base_dtype": "nf4"}, "model.lora.base_dtype must be one of"),
     ({"base_dtype": "int8"}, "needs model.lora.rank > 0"),
+    ({"rank": 4, "base_dtype": "bfloat16", "quantize_embedding": True},
+     "quantize_embedding=True needs model.lora.base_dtype='int8'"),
 ])
 def test_bad_lora_config_is_one_line_error_at_validation(change, message):
   c = toy_jbond.get_config()
@@ -105,7 +109,7 @@ def test_first_forward_equals_the_base_exactly(preset, dtype):
 def test_int8_base_is_per_channel_and_shared_by_every_view():
   config = presets.get("tiny_gemma3")
   params = gemma.init_params(config, jax.random.key(3))
-  base = lora.quantize(params)
+  base = lora.quantize(params, embedding=True)
   emb = base["input_embedding"]
   assert emb.q.dtype == jnp.int8 and emb.scale.shape == (config.vocab_size, 1)
   q = base["layer_0"]["attn"]["q_einsum"]
@@ -120,6 +124,29 @@ def test_int8_base_is_per_channel_and_shared_by_every_view():
   assert state.ref_params["layer_0"]["mlp"]["linear"].q.dtype == jnp.int8
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state.policy())):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_int8_base_keeps_the_embedding_unless_asked_and_stores_less():
+  """QLoRA's default base: int8 layer weights, the tied embedding as it was (each pass would
+  otherwise dequantize all of it); quantize_embedding=True quantizes it too. Stored bytes:
+  int8 < int8 + bf16 embedding < bf16."""
+  config = presets.get("tiny_gemma3")
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), gemma.init_params(config, jax.random.key(3)))
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+  spec = _spec(config, targets="attn,mlp", base_dtype="int8")
+  base = lora.make_base(spec, params)
+  assert base["input_embedding"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(base["input_embedding"], np.float32),
+                                np.asarray(params["input_embedding"], np.float32))
+  assert base["layer_0"]["mlp"]["linear"].q.dtype == jnp.int8
+  full = lora.make_base(dataclasses.replace(spec, quantize_embedding=True), params)
+  assert full["input_embedding"].q.dtype == jnp.int8
+  assert nbytes(full) < nbytes(base) < nbytes(params)
+  # The reference view dequantizes only the layers; its embedding is the base's own.
+  assert lora.reference(spec, base)["input_embedding"] is base["input_embedding"]
+  c = toy_jbond.get_config()
+  c.model.lora.update(rank=4, base_dtype="int8", quantize_embedding=True)
+  assert lora.spec_from_config(c, config).quantize_embedding
 
 
 def _toy_runner(config):
@@ -244,3 +271,34 @@ def test_merged_export_reloads_in_transformers_and_adapters_save_alone(tmp_path,
   assert len(saved) == 2 * len(spec.targets)
   key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
   assert saved[key].shape == (4, config.embed_dim)
+
+
+def _sample_stage_bytes(base_dtype: str, quantize_embedding: bool = False) -> int:
+  """XLA's own accounting (arguments + temporaries) of the J-BOND sample stage's jit, on a
+  model with a large vocabulary like Gemma's (abstract shapes: nothing runs)."""
+  mc = presets.get("tiny_gemma3", vocab_size=65536, embed_dim=256, hidden_dim=1024,
+                   dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  c = toy_jbond_lora.get_config()
+  c.model.lora.update(rank=4, targets="attn,mlp", base_dtype=base_dtype,
+                      quantize_embedding=quantize_embedding)
+  c.sampling.cpu_kernels = "auto"
+  spec = lora.spec_from_config(c, mc)
+  state = jax.eval_shape(lambda: steps.init_state(
+      gemma.init_params(mc, jax.random.key(0)), steps.make_optimizer(c.optim), 0, lora=spec))
+  batch = {"prompt_tokens": jax.ShapeDtypeStruct((2, 4), jnp.int32),
+           "prompt_mask": jax.ShapeDtypeStruct((2, 4), jnp.bool_)}
+  stages = rollout_lib.make_rollout_stages(c, mc, None)
+  m = jax.jit(stages.sample).lower(state, batch).compile().memory_analysis()
+  return m.argument_size_in_bytes + m.temp_size_in_bytes
+
+
+def test_int8_base_lowers_the_sample_stage_memory():
+  """QLoRA's point: the int8 base must hold less than the bf16 base, in flight too. The sample
+  stage merges the anchor's and then the policy's weights: the rollout sequences the two views
+  (without that, XLA keeps the int8 base's dequantized layers live across both samplers and the
+  int8 stage needs more than the bf16 one); and the tied embedding stays in bf16 by default
+  (quantized, the logits need all of it dequantized in flight, which costs more than it saves)."""
+  bf16, int8 = _sample_stage_bytes(""), _sample_stage_bytes("int8")
+  int8_embedding = _sample_stage_bytes("int8", quantize_embedding=True)
+  assert int8 < bf16, (int8, bf16)
+  assert int8 < int8_embedding, (int8, int8_embedding)
