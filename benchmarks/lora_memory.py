@@ -9,6 +9,7 @@ training; the teacher-forced passes use the chunked log-probs (the default,
 
   python benchmarks/lora_memory.py                       # every variant below
   python benchmarks/lora_memory.py --only lora,qlora --steps 6
+  python benchmarks/lora_memory.py --only lora,qlora --mmap-threshold 1048576
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ VARIANTS = {
 }
 
 
-def run(name: str, steps: int, workdir: str, full_logprobs: bool = False) -> dict:
+def run(name: str, steps: int, workdir: str, full_logprobs: bool = False,
+        mmap_threshold: int = 0) -> dict:
   cmd = [sys.executable, "-m", "bond.main", f"--config={CONFIG}", f"--workdir={workdir}",
          f"--config.train.num_steps={steps}", "--config.train.log_every=1",
          "--config.eval.sampled=False", f"--config.train.checkpoint_every={10 * steps}",
@@ -49,6 +51,11 @@ def run(name: str, steps: int, workdir: str, full_logprobs: bool = False) -> dic
     cmd.append("--config.model.logprob_chunk=0")
   t0 = time.time()
   env = dict(os.environ)
+  if mmap_threshold:
+    # glibc serves allocations of at least this size with mmap and unmaps them when freed;
+    # by default it raises the threshold as large blocks are freed and keeps freed heap
+    # memory, so ru_maxrss also counts temporaries already released.
+    env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
   with open(workdir + ".log", "w") as log:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -67,6 +74,9 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--full-logprobs", action="store_true",
                       help="score through the full logits (model.logprob_chunk=0; default: chunked)")
+  parser.add_argument("--mmap-threshold", type=int, default=0,
+                      help="run each variant with MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 1048576), "
+                           "so freed temporaries go back to the OS (0: glibc's default)")
   args = parser.parse_args()
   names = args.only.split(",")
   unknown = sorted(set(names) - set(VARIANTS))
@@ -75,7 +85,8 @@ def main() -> None:
   rows = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
-      r = run(name, args.steps, os.path.join(tmp, name), args.full_logprobs)
+      r = run(name, args.steps, os.path.join(tmp, name), args.full_logprobs,
+              args.mmap_threshold)
       per_step = np.diff(r["step_s"])[args.warmup - 1:]
       rows[name] = dict(peak_rss_gb=r["peak_rss_gb"], step_s=float(np.median(per_step)),
                         first_step_s=r["first_step_s"], wall_s=r["wall_s"])

@@ -169,11 +169,11 @@ def _runs() -> dict[str, Run]:
           label="REINFORCE β_RL=0.01, seed 1"),
       Run("jbond_swap10", ("2",), _jbond(FAST_ETA, "swap", round(1 / FAST_ETA)), 30, 2,
           label="J-BOND, hard swap every 10"),
-      Run("bonbon", ("3",), _offline("bonbon"), 40, 1, pairs=True, label="BoNBoN (IPO term)"),
-      Run("bonbon_dpo", ("3",), _offline("bonbon_dpo"), 40, 1, pairs=True,
+      Run("bonbon", ("3",), _offline("bonbon"), 40, 4, pairs=True, label="BoNBoN (IPO term)"),
+      Run("bonbon_dpo", ("3",), _offline("bonbon_dpo"), 40, 4, pairs=True,
           label="BoNBoN with a DPO term"),
-      Run("dpo", ("3",), _offline("dpo"), 40, 1, pairs=True, label="DPO β*_8"),
-      Run("ipo", ("3",), _offline("ipo"), 40, 1, pairs=True, label="IPO β*_8"),
+      Run("dpo", ("3",), _offline("dpo"), 40, 4, pairs=True, label="DPO β*_8"),
+      Run("ipo", ("3",), _offline("ipo"), 40, 4, pairs=True, label="IPO β*_8"),
       *[Run(f"bond_{v}_{short}", ("4",), _bond(f"bond_{v}", 4, 4, reward), 24, 1,
             label=f"BOND {v} N=4, {reward}")
         for v in ("bwd", "jeffreys") for short, reward in (("lq", "log_quantile"),
@@ -703,7 +703,8 @@ def claims(res: Results) -> list[dict]:
     if missing:
       reasons = {res.not_run.get(n, "not run") for n in missing}
       should = all(RUNS[n].should for n in missing if n in RUNS)
-      note = ("should-have, off by default (`--experiment should`)" if should
+      note = ("should-have, not run: the 2-core time went to the must-have grid "
+              "(`--experiment should` runs them)" if should
               else "; ".join(sorted(reasons)))
       rows.append({"id": cid, "claim": claim, "figure": figure, "runs": ", ".join(runs),
                    "numbers": "—", "d": "—", "verdict": "not run", "why": f"missing runs "
@@ -1226,7 +1227,12 @@ def select(args, parser) -> list[str]:
     parser.error(f"--experiment: unknown {bad}; known: {list(EXPERIMENTS)}")
   for e in exps:
     names += [n for n, r in RUNS.items() if e in r.experiments and n not in names]
-  return names or list(MUST)
+  if names:
+    return names
+  if args.reuse:   # the report: the must-have grid and every should-have run that finished
+    return list(MUST) + [n for n in RUNS if n not in MUST and os.path.isfile(
+        os.path.join(args.out or "", "runs", n, "DONE.json"))]
+  return list(MUST)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -207,6 +207,21 @@ def test_rerun_skips_finished_runs_and_reports(tmp_path, monkeypatch):
     real.main(common + ["--only", "jbond_eta0.1", "--set", "bond.gamma=0.5"])
 
 
+def test_report_includes_finished_should_have_runs_only(tmp_path):
+  """--reuse with no selection reports the must-have grid plus every should-have run that
+  finished (DONE.json); a run only started is not added, and training still defaults to MUST."""
+  import argparse
+  parser = argparse.ArgumentParser()
+  should = [n for n, r in real.RUNS.items() if r.should]
+  os.makedirs(tmp_path / "runs" / should[0])
+  (tmp_path / "runs" / should[0] / "DONE.json").write_text("{}")
+  os.makedirs(tmp_path / "runs" / should[1])           # started, not finished
+  args = lambda reuse: argparse.Namespace(only="", experiment="", reuse=reuse,  # noqa: E731
+                                          out=str(tmp_path))
+  assert real.select(args(True), parser) == list(real.MUST) + [should[0]]
+  assert real.select(args(False), parser) == list(real.MUST)
+
+
 def test_shared_reference_cache_is_installed_with_the_runs_seed(tmp_path):
   out, model = str(tmp_path), "real"
   first = os.path.join(out, "runs", "a")
