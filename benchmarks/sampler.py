@@ -1,14 +1,16 @@
 """Decode speed of `bond.sampling.sample` against HF `generate` (PyTorch, KV cache), same weights.
 
 For each model and batch size B (one sample per prompt, 16-token prompts, T new tokens, no eos,
-temperature 1 sampling on both sides) it prints our tokens/s, HF's tokens/s, their ratio, and our
-fraction of a roofline measured in this run: per decode step, max(bytes / memory bandwidth,
-FLOPs / matmul peak), bytes = weights + KV cache read, FLOPs = 2 * params * B + attention.
+temperature 1 sampling on both sides, or greedy with --temperature 0) it prints our tokens/s
+(prefill and decode), HF's tokens/s, their ratio, and our fraction of a roofline measured in
+this run: per decode step, max(bytes / memory bandwidth, FLOPs / matmul peak), bytes =
+weights + KV cache read, FLOPs = 2 * params * B + attention.
 Compile time is reported separately. A last block times N samples of B prompts (one prefill per
 prompt) against B * N copied prompts (one prefill per row).
 
   python benchmarks/sampler.py                      # all models (~5 min on 2 cores)
   python benchmarks/sampler.py --models gemma3_35m:bf16 --batches 8
+  python benchmarks/sampler.py --models gemma3_35m:bf16 --batches 64 --new_tokens 64 --temperature 0
 """
 
 from __future__ import annotations
@@ -95,22 +97,26 @@ def prompts(config, batch: int, length: int = PROMPT_LEN):
   return tokens, np.ones_like(tokens, bool)
 
 
-def ours(config, params, tokens, mask, new_tokens: int, repeats: int, num_samples: int = 1):
-  """(compile s, best run s) of `sample`."""
+def ours(config, params, tokens, mask, new_tokens: int, repeats: int, num_samples: int = 1,
+         temperature: float = 1.0):
+  """(compile s, best run s) of `sample`, prefill and decode."""
   run = lambda: sampling.sample(config, params, tokens, mask, jax.random.key(0),  # noqa: E731
                                 max_new_tokens=new_tokens, num_samples=num_samples,
-                                eos_id=None).tokens.block_until_ready()
+                                temperature=temperature, eos_id=None).tokens.block_until_ready()
   first = best_time(run, 1)
   best = best_time(run, repeats)
   return first - best, best
 
 
-def hf_generate(hf, tokens, mask, new_tokens: int) -> float:
+def hf_generate(hf, tokens, mask, new_tokens: int, temperature: float = 1.0) -> float:
   import torch
   ids, attn = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+  if temperature == 0:
+    how = dict(do_sample=False)
+  else:
+    how = dict(do_sample=True, top_k=0, top_p=1.0, temperature=temperature)
   gen = lambda n: hf.generate(ids, attention_mask=attn, max_new_tokens=n,  # noqa: E731
-                              min_new_tokens=n, do_sample=True, top_k=0, top_p=1.0,
-                              temperature=1.0, pad_token_id=0)
+                              min_new_tokens=n, pad_token_id=0, **how)
   with torch.no_grad():
     gen(2)
     return best_time(lambda: gen(new_tokens), 1)
@@ -122,14 +128,19 @@ def main():
   parser.add_argument("--batches", default="1,8,32")
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--temperature", type=float, default=1.0,
+                      help="both sides; 0 = greedy decoding")
   args = parser.parse_args()
+  if args.temperature < 0:
+    parser.error(f"--temperature must be >= 0, got {args.temperature}")
 
   import torch
   torch.set_num_threads(2)
   bandwidth = memory_bandwidth()
   peaks = {name: matmul_peak(dt) for name, dt in DTYPES.items()}
   print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  load: "
-        f"{os.getloadavg()[0]:.1f}")
+        f"{os.getloadavg()[0]:.1f}  temperature: {args.temperature:g}"
+        + (" (greedy)" if args.temperature == 0 else ""))
   print(f"measured: memory {bandwidth / 1e9:.1f} GB/s, matmul peak "
         + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
   t = args.new_tokens
@@ -140,8 +151,9 @@ def main():
     config, params, hf = load(model, DTYPES[dtype_name])
     for b in [int(x) for x in args.batches.split(",")]:
       tokens, mask = prompts(config, b)
-      compile_s, run_s = ours(config, params, tokens, mask, t, args.repeats)
-      hf_s = hf_generate(hf, tokens, mask, t)
+      compile_s, run_s = ours(config, params, tokens, mask, t, args.repeats,
+                              temperature=args.temperature)
+      hf_s = hf_generate(hf, tokens, mask, t, temperature=args.temperature)
       floor = roofline_step(config, params, b, PROMPT_LEN + t, bandwidth, peaks[dtype_name])
       print(f"{model + ':' + dtype_name:>24} {b:>3} {b * t / run_s:>10.0f} {b * t / hf_s:>9.0f} "
             f"{hf_s / run_s:>6.2f} {run_s / t * 1e3:>8.2f} {floor * t / run_s:>8.0%} "

@@ -272,6 +272,8 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=None, help="default 32")
   parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3)")
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="model.scan_layers=True: full passes scan over the layers")
   parser.add_argument("--skip-single-jit", action="store_true",
                       help="do not also time steps.make_train_step as one jit")
   parser.add_argument("--smoke", action="store_true", help="tiny_gemma3, 4 x 8 + 8 tokens")
@@ -307,6 +309,7 @@ def main():
     name = args.preset
     model_config = presets.get(args.preset, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     params = gemma.init_params(model_config.replace(dtype=jnp.float32), jax.random.key(0))
+  model_config = model_config.replace(scan_layers=args.scan_layers)
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   b, p, t = args.prompts, args.prompt_len, args.new_tokens
@@ -315,7 +318,8 @@ def main():
   check = np.random.default_rng(2).integers(3, min(model_config.vocab_size, 30_000), (b, t))
   print(f"{name}: {n_params / 1e6:.1f}M params (vocab {model_config.vocab_size}), {b} prompts x "
         f"({p} + {t}) tokens, 2 anchor + 1 policy samples, f32 params, bf16 compute; "
-        f"{args.steps} timed steps, best of each")
+        f"{args.steps} timed steps, best of each"
+        + ("; layers scanned (model.scan_layers)" if args.scan_layers else ""))
   print(f"devices: {jax.devices()}  load average at start: {load[0]:.2f} {load[1]:.2f} "
         f"{load[2]:.2f}  measured bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s  persistent "
         f"compilation cache: {jax.config.jax_compilation_cache_dir or 'off'}", flush=True)

@@ -70,11 +70,23 @@ def process_logits(logits: Array, temperature: float, top_k: int = 0, top_p: flo
   return logits
 
 
+def greedy(logits: Array) -> Array:
+  """`argmax(logits [R, V], -1)` as int32 (the first maximum), from two plain reductions.
+
+  XLA:CPU runs argmax as a scalar (value, index) reduction: 2.4 ms at [64, 16384], against
+  0.5 ms for a max and a min over the indices that reach it (vectorised).
+  """
+  v = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)        # a NaN row (no entry equals its max) -> the last id
+
+
 def _choose(logits: Array, keys: Array, temperature: float, top_k: int,
             top_p: float) -> tuple[Array, Array]:
   """Next tokens [R] and their log-probs [R] under the processed distribution."""
   if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:1], jnp.float32)
+    return greedy(logits), jnp.zeros(logits.shape[:1], jnp.float32)
   return categorical(keys, process_logits(logits, temperature, top_k, top_p))
 
 

@@ -60,7 +60,7 @@ class Experiment:
 
 def _model_dtypes(config) -> dict:
   return dict(dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype],
-              remat=config.model.remat)
+              remat=config.model.remat, scan_layers=config.model.scan_layers)
 
 
 def load_model(config, task: toy.ToyTask | None):

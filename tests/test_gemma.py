@@ -100,3 +100,54 @@ def test_bf16_embedding_lookup_is_exact_and_differentiable():
   want = np.zeros((50, 8), np.float32)
   np.add.at(want, np.asarray(ids), np.asarray(weights))
   np.testing.assert_array_equal(np.asarray(grad, np.float32), want)
+
+
+def test_scanned_and_unrolled_layer_stacks_agree(loaded):
+  """`scan_layers` (one lax.scan over the stacked layer params) is the unrolled stack's
+  computation: same logits, and gradients reaching the per-layer params."""
+  _, _, unrolled, params = loaded
+  tokens, mask = padded_batch()
+  assert not unrolled.scan_layers
+  config = unrolled.replace(scan_layers=True)
+  np.testing.assert_array_equal(ours(config, params, tokens, mask),
+                                ours(unrolled, params, tokens, mask))
+
+  def loss(p, c):
+    logits = gemma.Gemma(c).apply({"params": p}, jnp.asarray(tokens), attention_mask=mask)
+    return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0)[..., 5])
+
+  got, want = jax.grad(loss)(params, config), jax.grad(loss)(params, unrolled)
+  assert jax.tree.structure(got) == jax.tree.structure(params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()))
+  assert float(np.abs(got["layer_0"]["mlp"]["linear"]).max()) > 0
+
+
+def test_model_trace_holds_one_layer_of_each_type():
+  """Tracing cost does not grow with depth: with scan_layers a full pass is one scanned layer;
+  unrolled (a KV-cache decode step, or the default full pass) it calls one traced function per
+  layer type (XLA inlines them)."""
+  from bond.models import presets
+
+  def full_pass(num_layers):
+    c = presets.get("tiny_gemma3", num_layers=num_layers, scan_layers=True,
+                    layer_types=presets.gemma3_layer_types(num_layers))
+    p = gemma.param_shapes(c)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    return jax.make_jaxpr(lambda p: gemma.Gemma(c).apply({"params": p}, tokens))(p).jaxpr
+
+  shallow, deep = full_pass(2), full_pass(12)
+  scans = [e for e in deep.eqns if e.primitive.name == "scan"]
+  assert len(scans) == 1 and scans[0].params["length"] == 12
+  # Only the stacking of the params grows with depth (one concatenate input per layer).
+  assert len(deep.eqns) - len(shallow.eqns) <= 40, (len(shallow.eqns), len(deep.eqns))
+
+  c = presets.get("tiny_gemma3", num_layers=12, layer_types=presets.gemma3_layer_types(12))
+  p = gemma.param_shapes(c)
+  cache = jax.eval_shape(lambda: gemma.init_cache(c, 2, 16))
+  step = jax.make_jaxpr(lambda p, cache: gemma.Gemma(c).apply(
+      {"params": p}, jnp.zeros((2, 1), jnp.int32), cache=cache))(p, cache).jaxpr
+  calls = [e for e in step.eqns if e.primitive.name in ("pjit", "jit")
+           and e.params["name"] == "apply"]
+  assert len(calls) == 12
+  assert len({id(e.params["jaxpr"].jaxpr) for e in calls}) == 2     # local and global

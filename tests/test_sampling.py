@@ -171,6 +171,17 @@ def test_no_eos_runs_to_max_new_tokens_and_greedy_is_deterministic():
   assert (np.asarray(out.tokens[..., 1:]) == config.pad_id).all()
 
 
+
+def test_greedy_is_numpy_argmax_first_maximum_on_ties():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 1000)).astype(np.float32)
+  logits[1, [7, 500, 999]] = 9.0                       # a three-way tie: the first wins
+  logits[2, [0, 1]] = 9.0
+  logits[3] = 0.0                                      # all tied
+  logits[4, 999] = np.inf
+  logits[5, 3] = -np.inf
+  np.testing.assert_array_equal(sampling.greedy(jnp.asarray(logits)), np.argmax(logits, -1))
+
 # ------------------------------------------------------------------ exact distribution
 
 

@@ -183,7 +183,7 @@ def config_to_hf(config: GemmaConfig) -> dict:
         "full_attention": rope(config.rope_base_global, config.rope_scale_global),
         "sliding_attention": rope(config.rope_base_local, config.rope_scale_local)}
   exported = _canonical(config_from_hf(hf, dtype=config.dtype, param_dtype=config.param_dtype,
-                                       remat=config.remat))
+                                       remat=config.remat, scan_layers=config.scan_layers))
   wrong = {f.name: (getattr(config, f.name), getattr(exported, f.name))
            for f in dataclasses.fields(config)
            if getattr(_canonical(config), f.name) != getattr(exported, f.name)}

@@ -1,0 +1,96 @@
+"""First step of a config, cold and warm: how long a rerun takes to reach its first step.
+
+Runs `python -m bond.main --config=CONFIG` twice in fresh processes sharing one new persistent
+compilation cache directory (`train.compilation_cache`): cold (empty cache), then warm. For each
+it prints the first step's `time/elapsed_s` (from the training loop's start, i.e. after loading
+the model: trace + compile or cache load + the step itself), the process wall time, and, from
+`jax.monitoring`, the time spent tracing jaxprs, compiling and loading cached executables.
+
+  python benchmarks/first_step.py                                   # Gemma 3 270M LoRA J-BOND
+  python benchmarks/first_step.py --config configs/toy_jbond.py
+  python benchmarks/first_step.py -- --config.model.scan_layers=True   # extra bond.main flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+EVENTS = {"trace": "/jax/core/compile/jaxpr_trace_duration",
+          "compile": "/jax/core/compile/backend_compile_duration",
+          "cache load": "/jax/compilation_cache/cache_retrieval_time_sec"}
+
+
+def child(out: str, argv: list[str]) -> None:
+  """Runs bond.main with duration listeners; writes their totals to `out` as JSON."""
+  start = time.perf_counter()
+  from jax import monitoring
+  totals = collections.defaultdict(lambda: [0, 0.0])
+
+  def listen(name, seconds, **_):
+    totals[name][0] += 1
+    totals[name][1] += seconds
+
+  monitoring.register_event_duration_secs_listener(listen)
+  sys.argv = [sys.argv[0], *argv]   # ml_collections reads the --config.* overrides at import
+  from absl import app
+  from bond import main as bond_main
+
+  def run(args):
+    try:
+      bond_main.main(args)
+    finally:
+      with open(out, "w") as f:
+        json.dump({"wall": time.perf_counter() - start, "events": dict(totals)}, f)
+
+  app.run(run, argv=sys.argv, flags_parser=bond_main.parse_flags)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/gemma3_270m_jbond_lora.py")
+  parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("extra", nargs="*", help="more bond.main flags, after --")
+  args = parser.parse_args()
+  flags = [f"--config={args.config}", "--config.train.num_steps=1",
+           "--config.eval.sampled=False", *args.extra]
+  if args.child_out:
+    child(args.child_out, flags)
+    return
+  if not os.path.exists(args.config):
+    parser.error(f"--config: no such file {args.config!r}")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get(
+      "PYTHONPATH")])))
+  print(f"config {args.config} {' '.join(args.extra)}  load average {os.getloadavg()[0]:.2f}")
+  print(f"{'run':>5} {'first step s':>12} {'process s':>9} "
+        + " ".join(f"{k + ' s (n)':>16}" for k in EVENTS))
+  with tempfile.TemporaryDirectory() as tmp:
+    cache = os.path.join(tmp, "cache")
+    for run in ("cold", "warm"):
+      workdir, out = os.path.join(tmp, run), os.path.join(tmp, run + ".json")
+      cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config,
+             "--child-out", out, "--", *args.extra, f"--workdir={workdir}",
+             f"--config.train.compilation_cache={cache}"]
+      proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+      if proc.returncode:
+        sys.exit(f"{run} run failed:\n{proc.stderr[-3000:]}")
+      with open(out) as f:
+        report = json.load(f)
+      with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())["time/elapsed_s"]
+      cells = []
+      for name in EVENTS.values():
+        n, seconds = report["events"].get(name, [0, 0.0])
+        cells.append(f"{seconds:>10.2f} ({n:>3})")
+      print(f"{run:>5} {first:>12.2f} {report['wall']:>9.1f} " + " ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+  main()
