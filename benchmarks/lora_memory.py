@@ -38,6 +38,10 @@ VARIANTS = {
     # in every sampler call (~0.4 GB of temporaries on this model).
     "lora_xla": ["--config.sampling.cpu_kernels=off"],
     "qlora_xla": ["--config.model.lora.base_dtype=int8", "--config.sampling.cpu_kernels=off"],
+    # Full passes as one lax.scan over the layers (model.scan_layers).
+    "full_scan": ["--config.model.lora.rank=0", "--config.model.param_dtype=float32",
+                  "--config.optim.lr=1e-5", "--config.model.scan_layers=True"],
+    "lora_scan": ["--config.model.scan_layers=True"],
 }
 
 

@@ -29,8 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"   # parameter dtype: float32 | bfloat16 (not with bond.anchor=ema)
   c.model.remat = False
   c.model.scan_layers = False       # True: full passes (training, scoring) run the layers as
-  #                                   one lax.scan: a warm first step in seconds, but a slower
-  #                                   fwd+bwd on XLA:CPU (benchmarks/RESULTS.md, session 8)
+  #                                   one lax.scan: a warm first step under 10 s, but a 20-27%
+  #                                   slower 270M step on XLA:CPU (benchmarks/RESULTS.md, session 8)
   c.model.logprob_chunk = 8192      # teacher-forced log-probs over vocabulary chunks of this many
   #                                   rows of the tied embedding (bond/logprobs.py: no [rows, V]
   #                                   logits forward or backward); 0, or a vocabulary of at most
