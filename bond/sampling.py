@@ -79,7 +79,7 @@ def greedy(logits: Array) -> Array:
   v = logits.shape[-1]
   top = jnp.max(logits, axis=-1, keepdims=True)
   first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
-  return jnp.minimum(first, v - 1)        # a NaN row (no entry equals its max) -> the last id
+  return jnp.minimum(first, v - 1)        # NaN rows: unspecified (XLA:CPU's max skips NaNs)
 
 
 def _choose(logits: Array, keys: Array, temperature: float, top_k: int,

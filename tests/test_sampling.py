@@ -173,14 +173,21 @@ def test_no_eos_runs_to_max_new_tokens_and_greedy_is_deterministic():
 
 
 def test_greedy_is_numpy_argmax_first_maximum_on_ties():
+  vocab = 1000
   rng = np.random.default_rng(0)
-  logits = rng.normal(size=(6, 1000)).astype(np.float32)
-  logits[1, [7, 500, 999]] = 9.0                       # a three-way tie: the first wins
+  logits = rng.normal(size=(10, vocab)).astype(np.float32)
+  logits[1, [7, 500, vocab - 1]] = 9.0                 # a three-way tie: the first wins
   logits[2, [0, 1]] = 9.0
   logits[3] = 0.0                                      # all tied
-  logits[4, 999] = np.inf
+  logits[4, vocab - 1] = np.inf
   logits[5, 3] = -np.inf
+  logits[6, [127, 128]] = 9.0                          # adjacent ties
+  logits[7, [300, 260, 900]] = 9.0                     # the first index, not the first set
+  logits[8] = -np.inf                                  # nothing finite: the first id
+  logits[9, [200, 950]] = np.inf
   np.testing.assert_array_equal(sampling.greedy(jnp.asarray(logits)), np.argmax(logits, -1))
+  np.testing.assert_array_equal(sampling.greedy(jnp.asarray(logits).reshape(2, 5, vocab)),
+                                np.argmax(logits, -1).reshape(2, 5))
 
 # ------------------------------------------------------------------ exact distribution
 
