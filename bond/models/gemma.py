@@ -127,9 +127,13 @@ def _einsum(equation: str, x: Array, w: Array, dtype: Any) -> Array:
   In a low-precision `dtype` the gradient's dots also take `dtype` operands (`_lowp_einsum`).
   """
   if jnp.dtype(dtype) == jnp.float32:
-    return jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
-                      preferred_element_type=jnp.float32).astype(dtype)
+    return _cast_einsum(equation, x, w, dtype)
   return _lowp_einsum(equation, jnp.dtype(dtype), jnp.dtype(x.dtype), jnp.dtype(w.dtype), x, w)
+
+
+def _cast_einsum(equation: str, x: Array, w: Array, dtype: Any) -> Array:
+  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -142,8 +146,7 @@ def _lowp_einsum(equation, dtype, x_dtype, w_dtype, x, w):
   casting it back is exact; the weight gradient comes out of the f32 accumulator in w's dtype.
   """
   del x_dtype, w_dtype
-  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(dtype)
+  return _cast_einsum(equation, x, w, dtype)
 
 
 def _lowp_einsum_fwd(equation, dtype, x_dtype, w_dtype, x, w):
