@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -245,6 +246,26 @@ def _staged_rollout(config, mc, exp: Experiment, state, abstract_batch, state_sh
     return jit_finish(state, batch, samples, r)
 
   return rollout
+
+
+def _compile_ahead(jitted, *args) -> threading.Thread:
+  """Starts `jitted.lower(*args).compile()` on a thread and returns it; join it before the first
+  call (which then reuses the executable: JAX caches lowerings and their compilations).
+
+  The update program is the largest: on a rerun, loading it from the persistent compilation
+  cache takes seconds of C++ that run without the GIL, so it overlaps the first rollout instead
+  of following it. An error here is dropped: the first call compiles again and raises it.
+  """
+
+  def compile_():
+    try:
+      jitted.lower(*args).compile()
+    except Exception as e:   # pylint: disable=broad-except
+      logging.info("compiling ahead failed (the first call will retry): %s", e)
+
+  thread = threading.Thread(target=compile_, name="bond-compile-ahead", daemon=True)
+  thread.start()
+  return thread
 
 
 def _logged(done, config):
@@ -484,8 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rep = sharding.replicated(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype)
                     for k, v in exp.table.columns.items()}
-  rollout_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim),
-                            jax.eval_shape(rollout_fn, state, abstract_batch))
+  abstract_rollout = jax.eval_shape(rollout_fn, state, abstract_batch)
+  rollout_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), abstract_rollout)
   def logged_rollout(state, batch):
     # Metric-only passes (π_ref on J-BOND's policy samples) run on the steps that are logged.
     return rollout_fn(state, batch, None, _logged(state.step + 1, config))
@@ -517,6 +538,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last: dict = {}
   bar = tqdm.tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
                   disable=not is_main, dynamic_ncols=True)
+  # The update compiles (or loads from the cache) while the first rollout runs.
+  update_ready = None
+  if start < tc.num_steps:
+    update_ready = _compile_ahead(jit_update, state, jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh, weak_type=x.weak_type),
+        abstract_rollout, rollout_sh))
   try:
     t0 = time.time()
     previous = None
@@ -524,6 +551,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       local = data_lib.get_batch(exp.table, step, config.data.batch_size, config.data.shuffle_seed,
                                  jax.process_index(), jax.process_count())
       rollout = jit_rollout(state, sharding.to_global_batch(local, mesh))
+      if update_ready is not None:
+        update_ready.join()
+        update_ready = None
       state, metrics, finite = jit_update(state, rollout)
       done = step + 1
       if previous is not None:

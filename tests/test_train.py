@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -289,3 +290,28 @@ def test_config_changes():
   a = ml_collections.ConfigDict({"optim": {"lr": 0.1, "b1": 0.9}, "train": {"num_steps": 5}})
   b = ml_collections.ConfigDict({"optim": {"lr": 0.2, "b1": 0.9}, "train": {"num_steps": 5}})
   assert train._config_changes(a.to_json(), b) == ["optim.lr: 0.1 -> 0.2"]
+
+
+def test_update_compiles_once_ahead_of_the_first_rollout(tmp_path, monkeypatch):
+  """The update program is compiled on the compile-ahead thread while the first rollout runs,
+  and the loop's first update call reuses it: one compile of `jit(step)` in the whole run. (A
+  lowering whose abstract rollout lacks the arrays' shardings compiles a second program.)"""
+  from jax._src import monitoring
+  from configs import toy_jbond
+  config = toy_jbond.get_config()
+  config.train.update(num_steps=2, log_every=1, checkpoint_every=2, compilation_cache="")
+  config.eval.sampled = False
+  compiles = []
+
+  def listen(name, seconds, fun_name=None, **_):
+    if name == "/jax/core/compile/backend_compile_duration":
+      compiles.append((fun_name, threading.current_thread().name))
+
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  update = [thread for fun, thread in compiles if fun == "jit(step)"]
+  assert update == ["bond-compile-ahead"], compiles
+  assert len(records(tmp_path / "run")) == 2
