@@ -140,16 +140,18 @@ def prompt_keys(rng: Array, batch_size: int) -> Array:
   return jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch_size))
 
 
-def _compute_params(config: gemma.GemmaConfig, params: Any) -> Any:
+def _compute_params(config: gemma.GemmaConfig, params: Any, packed: Any = None) -> Any:
   """Matmul weights cast to the compute dtype once, outside the decode loop.
 
   `Gemma` casts each weight to `config.dtype` where it uses it; doing it here instead gives the
   same numbers (norm scales, the only 1-d params, stay as they are) without a per-step cast.
-  Sampling is not differentiated (objectives recompute log-probs with a forward pass), so the
-  params are a `stop_gradient` constant here: a sampler inside `jax.grad` traces no tangents.
+  The tied embedding stays as it is when `packed` (the backend's extra collections) holds it
+  packed: the logits then read the packed copy, and a lookup of a few rows followed by the model's
+  cast gives the cast table's rows, without a pass over the whole table.
   """
-  params = jax.lax.stop_gradient(params)
-  return jax.tree.map(lambda w: w.astype(config.dtype) if w.ndim >= 2 else w, params)
+  keep_embedding = "input_embedding" in (packed or {}).get(backends.PACKED, {})
+  return {k: v if k == "input_embedding" and keep_embedding else jax.tree.map(
+      lambda w: w.astype(config.dtype) if w.ndim >= 2 else w, v) for k, v in params.items()}
 
 
 def _prefill(config: gemma.GemmaConfig, params: Any, tokens: Array, mask: Array,
@@ -200,7 +202,16 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
   eos = jnp.asarray(_eos_tuple(config, eos_id), jnp.int32)
   keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(n)))(
       prompt_keys(rng, b)).reshape(b * n)                                  # [R]
-  params = _compute_params(config, params)
+  # Sampling is not differentiated (objectives recompute log-probs with a forward pass), so the
+  # params are a `stop_gradient` constant here: a sampler inside `jax.grad` traces no tangents.
+  params = jax.lax.stop_gradient(params)
+  # Decode is bound by streaming the weights; on CPU the kernels' backend streams them faster.
+  # Its packed weights are prepared here, once, outside the loop, from the params as given (f32
+  # training params are rounded to bf16 in the same pass).
+  backend = backends.select(config, cpu_kernels)
+  packed = backend.prepare(params)
+  params = _compute_params(config, params, packed)
+  variables = {"params": params, **packed}
   mask = prompt_mask.astype(jnp.bool_)
   positions = gemma.default_positions(mask)                                # [B, P]
 
@@ -208,11 +219,6 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
   if p > 1:
     cache = _prefill(config, params, prompt_tokens[:, :-1], mask[:, :-1], positions[:, :-1], cache)
   cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
-
-  # Decode is bound by streaming the weights; on CPU the kernels' backend streams them faster
-  # (its packed weights are prepared here, once, outside the loop).
-  backend = backends.select(config, cpu_kernels)
-  variables = {"params": params, **backend.prepare(params)}
 
   r = b * n
   unprocessed = temperature == 1.0 and top_k == 0 and top_p == 1.0

@@ -41,6 +41,51 @@ def test_pack_layout(kernel, monkeypatch):
   np.testing.assert_array_equal(cpu_kernels.pack(w.reshape(2, 2, n), contract=2), packed)
 
 
+def _f32_with_edge_cases(rng, shape):
+  """Normal f32 weights with ties to even (both ways), subnormals, +-inf, NaNs, the f32 max."""
+  w = rng.normal(size=shape).astype(np.float32)
+  flat, bits = w.reshape(-1), w.reshape(-1).view(np.uint32)
+  bits[:40] = (bits[:40] & 0xFFFE0000) | 0x8000      # halfway, even upper half: rounds down
+  bits[40:80] = (bits[40:80] & 0xFFFE0000) | 0x18000  # halfway, odd upper half: rounds up
+  flat[80:100] = 1e-40 * rng.normal(size=20)          # f32 subnormals (some stay bf16 subnormals)
+  flat[100:104] = [np.inf, -np.inf, np.nan, -np.nan]
+  flat[104] = np.finfo(np.float32).max                # rounds to inf
+  return w
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+@pytest.mark.parametrize("k,n", [(64, 96), (40, 64), (640, 256)])   # K = 40: a partial vector
+def test_pack_from_f32_rounds_as_xla_converts(k, n):
+  """The f32 packing (cast and permutation in one pass, as the sampler packs training params)
+  is bit for bit `w.astype(bf16)` permuted; `pack_transposed(e)` is that of e.T. A hardware
+  `vcvtneps2bf16` flushes the subnormals and fails this."""
+  w = jnp.asarray(_f32_with_edge_cases(np.random.default_rng(k + n), (k, n)))
+  bits = np.asarray(jax.lax.bitcast_convert_type(w.astype(jnp.bfloat16), jnp.uint16))
+  want = bits.reshape(k // 2, 2, n // 32, 32).transpose(2, 0, 3, 1)   # the layout, in numpy
+  as_bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint16))  # noqa: E731
+  np.testing.assert_array_equal(as_bits(jax.jit(cpu_kernels.pack)(w)), want)
+  np.testing.assert_array_equal(as_bits(jax.jit(cpu_kernels.pack_transposed)(w.T)), want)
+  with pytest.raises(ValueError, match="cannot pack"):
+    cpu_kernels.pack_transposed(jnp.zeros((48, 6)))
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+@pytest.mark.parametrize("name", ["tiny_gemma3", "tiny_gemma2"])
+def test_sampling_f32_params_equals_sampling_them_cast_to_bf16(name):
+  """The sampler packs f32 params itself and looks up the f32 embedding (no cast of the whole
+  table): its samples and log-probs are exactly those of the same params cast to bf16 first."""
+  config, params = tiny_model(name, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  assert "input_embedding" in backends.pack_weights(params)     # the table's path is covered
+  cast = jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.ndim >= 2 else w, params)
+  tokens, mask = padded_batch()
+  draw = lambda p: sampling.sample(config, p, tokens, mask, jax.random.key(3), max_new_tokens=6,  # noqa: E731
+                                   num_samples=2, eos_id=None, cpu_kernels=True)
+  got, want = draw(params), draw(cast)
+  for field in ("tokens", "mask", "logprobs"):
+    np.testing.assert_array_equal(np.asarray(getattr(got, field)),
+                                  np.asarray(getattr(want, field)), err_msg=field)
+
+
 @pytest.mark.parametrize("bad", [(6, 48), (5, 64), (1, 32)])
 def test_pack_rejects_unsupported_shapes(bad):
   assert not cpu_kernels.supports(*bad)

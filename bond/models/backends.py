@@ -104,9 +104,9 @@ def pack_weights(params: Any) -> dict[str, Any]:
             kernels.pack_geglu(w))
       elif packable(w, contract):
         packed.setdefault(layer, {}).setdefault(module, {})[name] = kernels.pack(w, contract)
-  embedding_t = params["input_embedding"].T
-  if packable(embedding_t, 1):
-    packed["input_embedding"] = kernels.pack(embedding_t)
+  vocab, dim = params["input_embedding"].shape
+  if kernels.supports(dim, vocab):
+    packed["input_embedding"] = kernels.pack_transposed(params["input_embedding"])
   return packed
 
 

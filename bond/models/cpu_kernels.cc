@@ -1,6 +1,6 @@
 // Decode-loop kernels for x86 CPUs with AVX512-BF16, called from JAX through the XLA FFI (see
 // cpu_kernels.py): a bf16 matmul over pre-packed weights, the same matmul with a GeGLU epilogue,
-// the packing, and decode attention.
+// the packing (from bf16 or, rounding on the way, f32 weights), and decode attention.
 //
 //   y[M, N] (f32) = x[M, K] (bf16) @ W[K, N] (bf16), with W pre-packed as [N/32, K/2, 32, 2]:
 //   for each block of 32 output columns, the K rows come as k-pairs, each pair one contiguous 128
@@ -133,6 +133,64 @@ void PackRows(const uint16_t* w, uint16_t* out, int64_t k, int64_t n, int64_t j0
   }
 }
 
+// 16 f32 -> their bf16 bits exactly as XLA's convert rounds them: to nearest even, subnormals
+// kept (`vcvtneps2bf16`, as in `RoundBf16`, flushes them to zero), NaNs quieted.
+inline __m256i ToBf16Bits(__m512 x) {
+  __m512i b = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x00400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// 32 consecutive f32 -> their 32 bf16 bits in one zmm (`ToBf16Bits`); `count` (< 32) loads
+// only the first `count` (the rest are 0).
+inline __m512i Load32Bf16(const float* p, int count = 32) {
+  __mmask16 m0 = count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
+  __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : (__mmask16)((1u << (count - 16)) - 1);
+  __m256i lo = ToBf16Bits(_mm512_maskz_loadu_ps(m0, p));
+  __m256i hi = ToBf16Bits(_mm512_maskz_loadu_ps(m1, p + 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// PackRows for an f32 w [K, N], rounding each weight to bf16 on the way (one pass over w).
+void PackRowsF32(const float* w, uint16_t* out, int64_t k, int64_t n, int64_t j0, int64_t j1) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                      40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                      32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t b = 0; b < n / kCols; ++b) {
+    uint16_t* ob = out + b * k * kCols;
+    for (int64_t j = j0; j < j1; j += 2) {
+      __m512i r0 = Load32Bf16(w + j * n + b * kCols);
+      __m512i r1 = Load32Bf16(w + (j + 1) * n + b * kCols);
+      _mm512_storeu_si512(ob + j * kCols, _mm512_permutex2var_epi16(r0, lo, r1));
+      _mm512_storeu_si512(ob + j * kCols + kCols, _mm512_permutex2var_epi16(r0, hi, r1));
+    }
+  }
+}
+
+// Block b of the packing of w.T for an f32 w [N, K] (a [V, D] embedding packed as the [D, V]
+// weight of the logits), rounded to bf16: rows 32 b .. 32 b + 31 of w, each a run of K/2
+// (k, k+1) pairs, become the 32 columns of the block; pair i of row c lands at [i, c].
+void PackBlockTransposedF32(const float* w, uint32_t* out, int64_t k, int64_t b) {
+  const int64_t pairs = k / 2;
+  uint32_t* ob = out + b * pairs * kCols;
+  const __m512i stride = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(kCols));
+  for (int64_t c = 0; c < kCols; ++c) {
+    const float* row = w + (b * kCols + c) * k;
+    for (int64_t i = 0; i < pairs; i += 16) {
+      int64_t count = pairs - i < 16 ? pairs - i : 16;
+      __m512i v = Load32Bf16(row + 2 * i, static_cast<int>(2 * count));
+      __mmask16 m = count == 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
+      _mm512_mask_i32scatter_epi32(ob + i * kCols + c, m, stride, v, 4);
+    }
+  }
+}
+
 // Blocks are claimed `grain` at a time from a shared counter by the calling thread and by the
 // helpers it schedules. The caller waits only for blocks a helper has claimed (and is running),
 // so a helper that never gets a thread cannot deadlock the call; a late helper finds no work.
@@ -216,6 +274,29 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
   return ffi::Error::Success();
 }
 
+// out = the packing of w [K, N] (or, transposed, of w.T for w [N, K]) with every f32 weight
+// rounded to bf16: the cast and the packing in one pass.
+ffi::Error PackF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, bool transposed,
+                       ffi::ResultBuffer<ffi::BF16> out) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("bond_f32_pack: want a 2-d w");
+  int64_t k = transposed ? wd[1] : wd[0], n = transposed ? wd[0] : wd[1];
+  if (k % 2 || n % kCols) {
+    return ffi::Error::InvalidArgument("bond_f32_pack: want K even and N % 32 == 0");
+  }
+  const float* wp = w.typed_data();
+  auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
+  if (transposed) {
+    RunParallel(pool, n / kCols, [=](int64_t b) {
+      PackBlockTransposedF32(wp, reinterpret_cast<uint32_t*>(op), k, b);
+    });
+  } else {
+    RunParallel(pool, (k + kPackRows - 1) / kPackRows, [=](int64_t t) {
+      PackRowsF32(wp, op, k, n, t * kPackRows, (t + 1) * kPackRows < k ? (t + 1) * kPackRows : k);
+    });
+  }
+  return ffi::Error::Success();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention over a bf16 KV cache held as uint16 bits (bond.models.gemma.init_cache):
@@ -366,6 +447,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Pack, PackImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondF32Pack, PackF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed")
                                   .Ret<ffi::Buffer<ffi::BF16>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BondDecodeAttention, AttnImpl,

@@ -8,7 +8,9 @@ the weights stream from memory. XLA:CPU's dots reach about half the machine's ba
   * `geglu`: the same matmul for the MLP's fused gate/up weight (packed by `pack_geglu`), with
     gelu(gate) * up computed on the accumulators: one op instead of a matmul and an XLA
     elementwise pass that XLA:CPU runs in f32;
-  * `pack`: the packing permutation, which XLA:CPU's transpose runs at ~2 GB/s;
+  * `pack`: the packing permutation, which XLA:CPU's transpose runs at ~2 GB/s; from f32
+    weights it also rounds them to bf16 in the same pass, and `pack_transposed` packs the
+    tied embedding [V, D] as the logits' [D, V] weight without materialising its transpose;
   * `decode_attention`: one query token per row over the bf16 KV cache read in place as its
     uint16 bits. XLA:CPU materialises a bf16 copy of the cache for its attention dots and runs
     them as many tiny batched products.
@@ -40,6 +42,7 @@ Array = jax.Array
 
 TARGET = "bond_bf16_matmul"
 PACK_TARGET = "bond_bf16_pack"
+PACK_F32_TARGET = "bond_f32_pack"
 ATTENTION_TARGET = "bond_decode_attention"
 GEGLU_TARGET = "bond_bf16_geglu"
 COLS = 32            # output columns per packed block (cpu_kernels.cc: kCols)
@@ -92,6 +95,7 @@ def _build() -> str | None:
   try:
     lib = ctypes.cdll.LoadLibrary(str(_compile()))
     for target, symbol in ((TARGET, lib.BondBf16Matmul), (PACK_TARGET, lib.BondBf16Pack),
+                           (PACK_F32_TARGET, lib.BondF32Pack),
                            (ATTENTION_TARGET, lib.BondDecodeAttention),
                            (GEGLU_TARGET, lib.BondBf16Geglu)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -147,11 +151,31 @@ def pack(w: Array, contract: int = 1) -> Array:
   n = int(np.prod(w.shape[contract:]))
   if not supports(k, n):
     raise ValueError(f"cannot pack a [{k}, {n}] weight: need K even and N a multiple of {COLS}")
-  w = w.astype(jnp.bfloat16).reshape(k, n)
+  w = w.reshape(k, n)
+  out = jax.ShapeDtypeStruct((n // COLS, k // 2, COLS, 2), jnp.bfloat16)
   if available():   # the same permutation as below, about 5x faster than XLA:CPU's transpose
-    return jax.ffi.ffi_call(PACK_TARGET, jax.ShapeDtypeStruct((n // COLS, k // 2, COLS, 2),
-                                                              jnp.bfloat16))(w)
+    if w.dtype == jnp.float32:   # and the cast to bf16 in the same pass
+      return jax.ffi.ffi_call(PACK_F32_TARGET, out)(w, transposed=False)
+    return jax.ffi.ffi_call(PACK_TARGET, out)(w.astype(jnp.bfloat16))
+  w = w.astype(jnp.bfloat16)
   return w.reshape(k // 2, 2, n // COLS, COLS).transpose(2, 0, 3, 1)
+
+
+def pack_transposed(w: Array) -> Array:
+  """`pack(w.T)` for w [N, K]: the tied embedding [V, D] as the logits' [D, V] weight.
+
+  From f32 (the training params) the kernel rounds to bf16 and packs in one pass over w, without
+  the transposed or bf16 copies that `pack(w.T)` makes (for Gemma 3's 262,144 x 640 embedding,
+  the largest weight, those took most of the sampler's weight preparation).
+  """
+  n, k = w.shape
+  if not supports(k, n):
+    raise ValueError(f"cannot pack a [{n}, {k}] weight transposed: need K even and N a multiple "
+                     f"of {COLS}")
+  if available() and w.dtype == jnp.float32:
+    return jax.ffi.ffi_call(PACK_F32_TARGET, jax.ShapeDtypeStruct(
+        (n // COLS, k // 2, COLS, 2), jnp.bfloat16))(w, transposed=True)
+  return pack(w.T)
 
 
 def _call_packed(target: str, x: Array, packed: Array, cols_per_block: int, dtype) -> Array:
