@@ -111,28 +111,6 @@ void Block(const uint16_t* x, const uint16_t* w, void* out, int64_t m, int64_t k
   }
 }
 
-constexpr int64_t kPackRows = 16;   // rows of w per packing task
-
-// Packs rows [j0, j1) of w [K, N] (j0, j1 even) into every block: block b is [K/2, 32, 2] and
-// holds columns [32 b, 32 b + 32). A task reads whole rows in order and writes (j1 - j0) * 64
-// contiguous bytes per block.
-void PackRows(const uint16_t* w, uint16_t* out, int64_t k, int64_t n, int64_t j0, int64_t j1) {
-  // Interleave two rows' 32 columns: (r0[c], r1[c]) for c = 0..15, then c = 16..31.
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                      40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                      32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  for (int64_t b = 0; b < n / kCols; ++b) {
-    uint16_t* ob = out + b * k * kCols;
-    for (int64_t j = j0; j < j1; j += 2) {
-      __m512i r0 = _mm512_loadu_si512(w + j * n + b * kCols);
-      __m512i r1 = _mm512_loadu_si512(w + (j + 1) * n + b * kCols);
-      _mm512_storeu_si512(ob + j * kCols, _mm512_permutex2var_epi16(r0, lo, r1));
-      _mm512_storeu_si512(ob + j * kCols + kCols, _mm512_permutex2var_epi16(r0, hi, r1));
-    }
-  }
-}
-
 // 16 f32 -> their bf16 bits exactly as XLA's convert rounds them: to nearest even, subnormals
 // kept (`vcvtneps2bf16`, as in `RoundBf16`, flushes them to zero), NaNs quieted.
 inline __m256i ToBf16Bits(__m512 x) {
@@ -154,8 +132,18 @@ inline __m512i Load32Bf16(const float* p, int count = 32) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-// PackRows for an f32 w [K, N], rounding each weight to bf16 on the way (one pass over w).
-void PackRowsF32(const float* w, uint16_t* out, int64_t k, int64_t n, int64_t j0, int64_t j1) {
+constexpr int64_t kPackRows = 16;   // rows of w per packing task
+
+// 32 consecutive weights as bf16 bits: bf16 as they are, f32 rounded (`Load32Bf16`).
+inline __m512i Load32(const uint16_t* p) { return _mm512_loadu_si512(p); }
+inline __m512i Load32(const float* p) { return Load32Bf16(p); }
+
+// Packs rows [j0, j1) of w [K, N] (j0, j1 even) into every block: block b is [K/2, 32, 2] and
+// holds columns [32 b, 32 b + 32). A task reads whole rows in order and writes (j1 - j0) * 64
+// contiguous bytes per block. From f32, each weight is rounded to bf16 on the way.
+template <typename T>
+void PackRows(const T* w, uint16_t* out, int64_t k, int64_t n, int64_t j0, int64_t j1) {
+  // Interleave two rows' 32 columns: (r0[c], r1[c]) for c = 0..15, then c = 16..31.
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
                                       40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
                                       32, 0);
@@ -163,8 +151,8 @@ void PackRowsF32(const float* w, uint16_t* out, int64_t k, int64_t n, int64_t j0
   for (int64_t b = 0; b < n / kCols; ++b) {
     uint16_t* ob = out + b * k * kCols;
     for (int64_t j = j0; j < j1; j += 2) {
-      __m512i r0 = Load32Bf16(w + j * n + b * kCols);
-      __m512i r1 = Load32Bf16(w + (j + 1) * n + b * kCols);
+      __m512i r0 = Load32(w + j * n + b * kCols);
+      __m512i r1 = Load32(w + (j + 1) * n + b * kCols);
       _mm512_storeu_si512(ob + j * kCols, _mm512_permutex2var_epi16(r0, lo, r1));
       _mm512_storeu_si512(ob + j * kCols + kCols, _mm512_permutex2var_epi16(r0, hi, r1));
     }
@@ -292,7 +280,7 @@ ffi::Error PackF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, bool trans
     });
   } else {
     RunParallel(pool, (k + kPackRows - 1) / kPackRows, [=](int64_t t) {
-      PackRowsF32(wp, op, k, n, t * kPackRows, (t + 1) * kPackRows < k ? (t + 1) * kPackRows : k);
+      PackRows(wp, op, k, n, t * kPackRows, (t + 1) * kPackRows < k ? (t + 1) * kPackRows : k);
     });
   }
   return ffi::Error::Success();
