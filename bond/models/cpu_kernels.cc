@@ -7,6 +7,7 @@
 //   bytes (two zmm loads, already in the (k, k+1) interleave `vdpbf16ps` wants). One pass over
 //   W is one sequential stream, and the blocks are split across XLA's intra-op thread pool.
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <cstdint>
@@ -247,6 +248,16 @@ ffi::Error GegluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer
   return RunMatmul<true>(pool, x, w, h->typed_data());
 }
 
+// A large output is fresh memory: each 4 KiB page faults on its first write (82k faults, about
+// half the time of packing the 262,144 x 640 embedding). Ask for 2 MiB pages where the OS grants
+// them on request (transparent_hugepage=madvise); a refused hint changes nothing.
+void PreferHugePages(void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  uintptr_t start = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+}
+
 ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
                     ffi::ResultBuffer<ffi::BF16> out) {
   auto wd = w.dimensions();
@@ -256,6 +267,7 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
   int64_t k = wd[0], n = wd[1];
+  PreferHugePages(op, static_cast<size_t>(k * n) * sizeof(uint16_t));
   RunParallel(pool, (k + kPackRows - 1) / kPackRows, [=](int64_t t) {
     PackRows(wp, op, k, n, t * kPackRows, (t + 1) * kPackRows < k ? (t + 1) * kPackRows : k);
   });
@@ -274,6 +286,7 @@ ffi::Error PackF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, bool trans
   }
   const float* wp = w.typed_data();
   auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
+  PreferHugePages(op, static_cast<size_t>(k * n) * sizeof(uint16_t));
   if (transposed) {
     RunParallel(pool, n / kCols, [=](int64_t b) {
       PackBlockTransposedF32(wp, reinterpret_cast<uint32_t*>(op), k, b);
