@@ -21,6 +21,7 @@ state) and peak RSS.
   python benchmarks/train_step.py                   # gemma3_35m, 16 prompts x 16 + 32 tokens
   python benchmarks/train_step.py --gguf            # real Gemma 3 270M, 4 prompts x 12 + 32 tokens
   python benchmarks/train_step.py --smoke           # tiny_gemma3, < 60 s, for development
+  python benchmarks/train_step.py --gguf --malloc-hugepages=off   # glibc's default 4 KiB pages
 """
 
 from __future__ import annotations
@@ -287,8 +288,14 @@ def main():
   parser.add_argument("--skip-single-jit", action="store_true",
                       help="do not also time steps.make_train_step as one jit")
   parser.add_argument("--smoke", action="store_true", help="tiny_gemma3, 4 x 8 + 8 tokens")
+  parser.add_argument("--malloc-hugepages", choices=("on", "off"), default="on",
+                      help="run with glibc's huge pages for large buffers, as `python -m "
+                           "bond.main` does for this model (bond/hugepages.py; both sides)")
   parser.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.torch_child:     # re-executes this script; the torch child inherits the setting
+    from bond import hugepages
+    hugepages.maybe_reexec(args.malloc_hugepages == "on")
   if args.torch_child:
     result = torch_side(args.torch_child, args.steps)
     with open(os.path.join(args.torch_child, "torch.json"), "w") as f:
@@ -332,7 +339,8 @@ def main():
         + ("; layers scanned (model.scan_layers)" if args.scan_layers else ""))
   print(f"devices: {jax.devices()}  load average at start: {load[0]:.2f} {load[1]:.2f} "
         f"{load[2]:.2f}  measured bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s  persistent "
-        f"compilation cache: {jax.config.jax_compilation_cache_dir or 'off'}", flush=True)
+        f"compilation cache: {jax.config.jax_compilation_cache_dir or 'off'}  "
+        f"{hugepages.status()}", flush=True)
 
   torch_result = None
   hf_config = model_config

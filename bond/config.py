@@ -42,6 +42,7 @@ CHOICES = {
     "bond.quantile_smoothing": ("clip", "add_one"),
     "bond.bond_reward": ("log_quantile", "exact_ties"),
     "task.reward_transform": ("identity", "exp3"),
+    "train.malloc_hugepages": ("auto", "on", "off"),
 }
 
 # key -> (low, high), both inclusive; None = unbounded.

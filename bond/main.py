@@ -123,11 +123,21 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   config = _load_config()
   try:
+    _malloc_hugepages(config)
     _run(config)
   except (ValueError, OSError) as e:   # OSError: FileNotFoundError and friends
     if _TRACEBACK.value:
       raise
     _fatal(_one_line(e))
+
+
+def _malloc_hugepages(config) -> None:
+  """Re-executes this process with glibc's huge pages for large buffers when the config asks for
+  them (`train.malloc_hugepages`, bond/hugepages.py); before JAX allocates anything."""
+  from bond import hugepages
+  hugepages.maybe_reexec(hugepages.enabled(config.train.malloc_hugepages, config.model.preset,
+                                           config.model.checkpoint))
+  logging.info(hugepages.status())
 
 
 def _compilation_cache(path: str) -> None:

@@ -1,0 +1,112 @@
+"""Transparent huge pages for the process's large buffers (glibc's `glibc.malloc.hugetlb=1`).
+
+XLA:CPU gives every large buffer of a program run fresh memory (glibc maps it and unmaps it when
+freed), so each step first-touches its temporaries and outputs one 4 KiB page at a time: on the
+Gemma 3 270M J-BOND step about 600,000 page faults per fwd+bwd, whose system time showed up as a
+third of the step on this project's machines (benchmarks/RESULTS.md, session 12). With the glibc
+tunable `glibc.malloc.hugetlb=1`, glibc asks the kernel for transparent huge pages
+(`madvise(MADV_HUGEPAGE)`) on the memory it maps, and a 2 MiB page faults once.
+
+glibc reads its tunables when the process starts, so the CLI sets the tunable and re-executes
+itself (`maybe_reexec`, which `python -m bond.main` calls once it has read the config, before
+importing JAX). It applies only on Linux with glibc >= 2.35 and transparent huge pages in `madvise` or
+`always` mode; elsewhere (TPU hosts included) it does nothing that matters, as the accelerator's
+memory does not come from malloc.
+
+The config key `train.malloc_hugepages` controls it: 'auto' (default: on, except for the toy and
+`tiny_*` models, whose few-MB buffers gain nothing and whose short runs pay the start-up cost
+below), 'on' or 'off'. A `GLIBC_TUNABLES` that already names `glibc.malloc.hugetlb` is left as it
+is (the user's choice wins).
+
+The cost: on this project's VMs the first touch of a fresh 2 MiB page is slow (the hypervisor
+backs it on demand), so start-up gets slower while steps get faster: Gemma 3 270M J-BOND, LoRA
+step 3.03 -> 2.47 s, full fine-tuning 3.74 -> 2.60 s, compile + first step 30.9 -> 34.7 s and
+31.2 -> 41.7 s; the toy job's whole run 18-20 -> 20-22 s (benchmarks/RESULTS.md, session 12).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping, Sequence
+
+SETTINGS = ("auto", "on", "off")
+TUNABLE = "glibc.malloc.hugetlb"
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def glibc_version() -> tuple[int, int] | None:
+  """(major, minor) of the running glibc, None when the C library is not glibc."""
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+  except (AttributeError, ValueError, OSError):
+    return None
+  if name != "glibc":
+    return None
+  try:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+  except ValueError:
+    return None
+
+
+def thp_mode(path: str = _THP_MODE) -> str | None:
+  """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'), None if unknown."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError:
+    return None
+  start, end = text.find("["), text.find("]")
+  return text[start + 1:end] if 0 <= start < end else None
+
+
+def enabled(setting: str, preset: str = "", checkpoint: str = "") -> bool:
+  """Whether `train.malloc_hugepages` = setting asks for huge pages for this model."""
+  if setting not in SETTINGS:
+    raise ValueError(f"train.malloc_hugepages must be one of {', '.join(SETTINGS)}, got "
+                     f"{setting!r}")
+  if setting == "auto":
+    return bool(checkpoint) or not (preset == "toy" or preset.startswith("tiny_"))
+  return setting == "on"
+
+
+def environment(environ: Mapping[str, str], glibc: tuple[int, int] | None,
+                mode: str | None) -> dict[str, str] | None:
+  """The environment to re-execute with for huge pages, or None to run as is: when the tunable
+  is already set (by a previous re-execution, or by the user), or when glibc (< 2.35 has no such
+  tunable) or the kernel (no THP, or 'never') cannot use it."""
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if TUNABLE + "=" in tunables:
+    return None
+  if glibc is None or glibc < (2, 35) or mode not in ("madvise", "always"):
+    return None
+  env = dict(environ)
+  env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, TUNABLE + "=1") if t)
+  return env
+
+
+def maybe_reexec(enable: bool = True, argv: Sequence[str] | None = None) -> None:
+  """Re-executes this process with `glibc.malloc.hugetlb=1` if `enable` and `environment` says
+  so; otherwise returns. Call it before the process allocates much (glibc reads its tunables
+  only at start-up). `argv` defaults to the interpreter's original command line
+  (`sys.orig_argv`), so `python -m bond.main ...` and `python script.py ...` rerun as invoked.
+  """
+  if not enable or not sys.platform.startswith("linux"):
+    return
+  env = environment(os.environ, glibc_version(), thp_mode())
+  if env is None:
+    return
+  argv = list(argv if argv is not None else getattr(sys, "orig_argv", sys.argv))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, argv, env)
+
+
+def status() -> str:
+  """One line for logs: whether this process's glibc maps with huge pages, and why not."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if TUNABLE + "=1" in tunables:
+    return f"glibc malloc huge pages: on (THP {thp_mode()})"
+  return (f"glibc malloc huge pages: off (GLIBC_TUNABLES {tunables!r}, glibc "
+          f"{glibc_version()}, THP {thp_mode()})")
