@@ -46,8 +46,10 @@ def child(out: str, argv: list[str]) -> None:
     try:
       bond_main.main(args)
     finally:
+      from bond import hugepages
       with open(out, "w") as f:
-        json.dump({"wall": time.perf_counter() - start, "events": dict(totals)}, f)
+        json.dump({"wall": time.perf_counter() - start, "events": dict(totals),
+                   "hugepages": hugepages.status()}, f)
 
   app.run(run, argv=sys.argv, flags_parser=bond_main.parse_flags)
 
@@ -89,7 +91,8 @@ def main():
       for name in EVENTS.values():
         n, seconds = report["events"].get(name, [0, 0.0])
         cells.append(f"{seconds:>10.2f} ({n:>3})")
-      print(f"{run:>5} {first:>12.2f} {report['wall']:>9.1f} " + " ".join(cells), flush=True)
+      print(f"{run:>5} {first:>12.2f} {report['wall']:>9.1f} " + " ".join(cells)
+            + f"   {report['hugepages']}", flush=True)
 
 
 if __name__ == "__main__":

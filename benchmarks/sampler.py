@@ -11,6 +11,7 @@ prompt) against B * N copied prompts (one prefill per row).
   python benchmarks/sampler.py                      # all models (~5 min on 2 cores)
   python benchmarks/sampler.py --models gemma3_35m:bf16 --batches 8
   python benchmarks/sampler.py --models gemma3_35m:bf16 --batches 64 --new_tokens 64 --temperature 0
+  python benchmarks/sampler.py --malloc-hugepages=off   # glibc's default 4 KiB pages (before session 12)
 """
 
 from __future__ import annotations
@@ -130,7 +131,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--temperature", type=float, default=1.0,
                       help="both sides; 0 = greedy decoding")
+  parser.add_argument("--malloc-hugepages", choices=("on", "off"), default="on",
+                      help="glibc's huge pages for large buffers, as `python -m bond.main` runs "
+                           "real models (bond/hugepages.py; both sides share the process)")
   args = parser.parse_args()
+  from bond import hugepages
+  hugepages.maybe_reexec(args.malloc_hugepages == "on")
   if args.temperature < 0:
     parser.error(f"--temperature must be >= 0, got {args.temperature}")
 
@@ -140,7 +146,7 @@ def main():
   peaks = {name: matmul_peak(dt) for name, dt in DTYPES.items()}
   print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  load: "
         f"{os.getloadavg()[0]:.1f}  temperature: {args.temperature:g}"
-        + (" (greedy)" if args.temperature == 0 else ""))
+        + (" (greedy)" if args.temperature == 0 else "") + f"  {hugepages.status()}")
   print(f"measured: memory {bandwidth / 1e9:.1f} GB/s, matmul peak "
         + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
   t = args.new_tokens

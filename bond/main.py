@@ -119,11 +119,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:   # orbax's INFO lines would bury the progress bar
     logging.set_verbosity(logging.WARNING)
-  from bond import sharding
-  sharding.maybe_initialize_distributed()
   config = _load_config()
   try:
-    _malloc_hugepages(config)
+    _malloc_hugepages(config)    # first: it may re-execute the process
+    from bond import sharding
+    sharding.maybe_initialize_distributed()
     _run(config)
   except (ValueError, OSError) as e:   # OSError: FileNotFoundError and friends
     if _TRACEBACK.value:
