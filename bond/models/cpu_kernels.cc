@@ -160,22 +160,48 @@ void PackRows(const T* w, uint16_t* out, int64_t k, int64_t n, int64_t j0, int64
   }
 }
 
+// 16 x 16 transpose of 32-bit lanes in registers: afterwards lane y of r[x] is what lane x of
+// r[y] was (unpack 32-bit, unpack 64-bit, then two 128-bit lane shuffles).
+inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xDD);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD);
+  }
+}
+
 // Block b of the packing of w.T for an f32 w [N, K] (a [V, D] embedding packed as the [D, V]
 // weight of the logits), rounded to bf16: rows 32 b .. 32 b + 31 of w, each a run of K/2
-// (k, k+1) pairs, become the 32 columns of the block; pair i of row c lands at [i, c].
+// (k, k+1) pairs (one 32-bit lane each), become the 32 columns of the block; pair i of row c
+// lands at [i, c]. 16 rows x 16 pairs at a time are transposed in registers, so every store
+// writes 16 consecutive columns (a scatter per row ran at a third of the memory bandwidth).
 void PackBlockTransposedF32(const float* w, uint32_t* out, int64_t k, int64_t b) {
   const int64_t pairs = k / 2;
   uint32_t* ob = out + b * pairs * kCols;
-  const __m512i stride = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-      _mm512_set1_epi32(kCols));
-  for (int64_t c = 0; c < kCols; ++c) {
-    const float* row = w + (b * kCols + c) * k;
-    for (int64_t i = 0; i < pairs; i += 16) {
-      int64_t count = pairs - i < 16 ? pairs - i : 16;
-      __m512i v = Load32Bf16(row + 2 * i, static_cast<int>(2 * count));
-      __mmask16 m = count == 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
-      _mm512_mask_i32scatter_epi32(ob + i * kCols + c, m, stride, v, 4);
+  const float* block = w + b * kCols * k;
+  for (int64_t i = 0; i < pairs; i += 16) {
+    const int count = static_cast<int>(pairs - i < 16 ? pairs - i : 16);
+    for (int64_t half = 0; half < kCols; half += 16) {
+      __m512i r[16];
+      for (int c = 0; c < 16; ++c) r[c] = Load32Bf16(block + (half + c) * k + 2 * i, 2 * count);
+      Transpose16x16(r);
+      for (int j = 0; j < count; ++j) _mm512_storeu_si512(ob + (i + j) * kCols + half, r[j]);
     }
   }
 }
