@@ -2,16 +2,17 @@
 
 XLA:CPU gives every large buffer of a program run fresh memory (glibc maps it and unmaps it when
 freed), so each step first-touches its temporaries and outputs one 4 KiB page at a time: on the
-Gemma 3 270M J-BOND step about 600,000 page faults per fwd+bwd, whose system time showed up as a
-third of the step on this project's machines (benchmarks/RESULTS.md, session 12). With the glibc
-tunable `glibc.malloc.hugetlb=1`, glibc asks the kernel for transparent huge pages
-(`madvise(MADV_HUGEPAGE)`) on the memory it maps, and a 2 MiB page faults once.
+Gemma 3 270M J-BOND step about 600,000 page faults per fwd+bwd, about a third of its time on this
+project's machines (1.83-1.95 s per fwd+bwd against 1.25-1.41 s with huge pages;
+benchmarks/RESULTS.md, session 12). With the glibc tunable `glibc.malloc.hugetlb=1`, glibc asks
+the kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`) on the memory it maps, and a
+2 MiB page faults once.
 
 glibc reads its tunables when the process starts, so the CLI sets the tunable and re-executes
 itself (`maybe_reexec`, which `python -m bond.main` calls once it has read the config, before
-importing JAX). It applies only on Linux with glibc >= 2.35 and transparent huge pages in `madvise` or
-`always` mode; elsewhere (TPU hosts included) it does nothing that matters, as the accelerator's
-memory does not come from malloc.
+JAX allocates anything). It applies only on Linux with glibc >= 2.35 and transparent huge pages in
+`madvise` or `always` mode, and elsewhere does nothing. On a TPU host only host-side buffers are
+affected (the accelerator's memory does not come from malloc); not measured there.
 
 The config key `train.malloc_hugepages` controls it: 'auto' (default: on, except for the toy and
 `tiny_*` models, whose few-MB buffers gain nothing and whose short runs pay the start-up cost
