@@ -72,6 +72,11 @@ def enabled(setting: str, preset: str = "", checkpoint: str = "") -> bool:
   return setting == "on"
 
 
+def enabled_for(config) -> bool:
+  """`enabled` for an experiment config (its train.malloc_hugepages, model preset, checkpoint)."""
+  return enabled(config.train.malloc_hugepages, config.model.preset, config.model.checkpoint)
+
+
 def environment(environ: Mapping[str, str], glibc: tuple[int, int] | None,
                 mode: str | None) -> dict[str, str] | None:
   """The environment to re-execute with for huge pages, or None to run as is: when the tunable

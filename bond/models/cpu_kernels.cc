@@ -243,6 +243,14 @@ void RunParallel(ffi::ThreadPool& pool, int64_t blocks, std::function<void(int64
   while (work->done.load(std::memory_order_acquire) < blocks) _mm_pause();
 }
 
+// Packs all of w [K, N] (bf16, or f32 rounded on the way), kPackRows rows per task.
+template <typename T>
+void PackAllRows(ffi::ThreadPool& pool, const T* w, uint16_t* out, int64_t k, int64_t n) {
+  RunParallel(pool, (k + kPackRows - 1) / kPackRows, [=](int64_t t) {
+    PackRows(w, out, k, n, t * kPackRows, (t + 1) * kPackRows < k ? (t + 1) * kPackRows : k);
+  });
+}
+
 // y = x @ W (f32 [M, N]) or, with kGeglu, h = GeGLU (bf16 [M, N / 2]); W packed [N/32, K/2, 32, 2].
 template <bool kGeglu>
 ffi::Error RunMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::BF16>& x,
@@ -294,9 +302,7 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
   auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
   int64_t k = wd[0], n = wd[1];
   PreferHugePages(op, static_cast<size_t>(k * n) * sizeof(uint16_t));
-  RunParallel(pool, (k + kPackRows - 1) / kPackRows, [=](int64_t t) {
-    PackRows(wp, op, k, n, t * kPackRows, (t + 1) * kPackRows < k ? (t + 1) * kPackRows : k);
-  });
+  PackAllRows(pool, wp, op, k, n);
   return ffi::Error::Success();
 }
 
@@ -318,9 +324,7 @@ ffi::Error PackF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, bool trans
       PackBlockTransposedF32(wp, reinterpret_cast<uint32_t*>(op), k, b);
     });
   } else {
-    RunParallel(pool, (k + kPackRows - 1) / kPackRows, [=](int64_t t) {
-      PackRows(wp, op, k, n, t * kPackRows, (t + 1) * kPackRows < k ? (t + 1) * kPackRows : k);
-    });
+    PackAllRows(pool, wp, op, k, n);
   }
   return ffi::Error::Success();
 }
