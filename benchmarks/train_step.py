@@ -11,7 +11,10 @@ clip 1.0, no warm-up) and the EMA anchor θa ← (1−η)θa + ηθ (η = 0.02).
 (the update donated); its phases are separately jitted sub-functions built from the same pieces.
 PyTorch: `transformers` model exported with `convert.to_hf` (a second copy is the anchor),
 `generate` for the samples, autograd under `torch.autocast("cpu", bfloat16)`, `torch.optim.Adam`,
-EMA on the anchor's parameters. It runs in a child process (clean peak RSS, no JAX threads).
+EMA on the anchor's parameters. It runs in a child process (clean peak RSS, no JAX threads),
+and its timed steps alternate with bond's whole steps (bond, torch, bond, torch, ...) so that a
+busy spell of a shared host slows both sides rather than one; the ratio is printed best / best
+and as the median of the per-pair ratios.
 
 Printed: per-phase best times, the sum of the parts against the whole step (timed apart), the
 fwd+bwd's model-FLOPs utilisation (6 · params · tokens of the two grad passes, against the bf16
@@ -21,7 +24,8 @@ state) and peak RSS.
   python benchmarks/train_step.py                   # gemma3_35m, 16 prompts x 16 + 32 tokens
   python benchmarks/train_step.py --gguf            # real Gemma 3 270M, 4 prompts x 12 + 32 tokens
   python benchmarks/train_step.py --smoke           # tiny_gemma3, < 60 s, for development
-  python benchmarks/train_step.py --gguf --malloc-hugepages=off   # glibc's default 4 KiB pages
+  python benchmarks/train_step.py --gguf --malloc-hugepages=off   # glibc's defaults, both sides
+  python benchmarks/train_step.py --torch-glibc-defaults  # bond's malloc setting, torch glibc's
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ def reward_weights(vocab: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ PyTorch
 
-def torch_side(workdir: str, steps: int) -> dict:
-  """The plain PyTorch/HF step on the weights in `workdir/hf`; returns times (s) and RSS."""
+def torch_side(workdir: str, commands) -> dict:
+  """The plain PyTorch/HF step on the weights in `workdir/hf`: loads, runs one untimed step,
+  replies ready, then runs one timed step per "step" line of `commands` (replying its phase
+  times); returns the check log-probs, first-step time and RSS."""
   import copy
 
   import torch
@@ -134,17 +140,68 @@ def torch_side(workdir: str, steps: int) -> dict:
     check = seq_logp(policy, ids, torch.tensor(data["check"], dtype=torch.long)).numpy()
   rss_loaded = rss_now_gb()
   first = step()[1]
-  runs = [step() for _ in range(steps)]
-  parts = np.min([r[0] for r in runs], axis=0)
-  whole = min(r[1] for r in runs)
-  return {"parts": parts.tolist(), "whole": whole, "first": first, "check": check.tolist(),
-          "rss_loaded": rss_loaded, "rss_peak": rss_peak_gb(),
-          "params": sum(x.numel() for x in policy.parameters())}
+  reply({"ready": True})
+  # Then one timed step per request: the parent alternates them with its own steps.
+  runs = []
+  for line in commands:
+    if line.strip() != "step":
+      break
+    parts, whole = step()
+    runs.append((parts, whole))
+    reply({"parts": parts.tolist(), "whole": whole})
+  return {"check": check.tolist(), "first": first, "rss_loaded": rss_loaded,
+          "rss_peak": rss_peak_gb(), "params": sum(x.numel() for x in policy.parameters()),
+          "parts": np.min([r[0] for r in runs], axis=0).tolist() if runs else None}
+
+
+class TorchChild:
+  """The PyTorch step in a child process (clean peak RSS, no JAX threads), driven step by step:
+  `step()` runs one timed step there and returns (phase seconds, whole seconds), so the parent
+  can alternate its own steps with torch's and both meet the same host load."""
+
+  def __init__(self, workdir: str, glibc_defaults: bool = False):
+    # The child inherits the environment, and with it the glibc malloc setting, unless
+    # glibc_defaults: then it runs under glibc's defaults, as a plain PyTorch script does.
+    env = {k: v for k, v in os.environ.items() if not (glibc_defaults and k == "GLIBC_TUNABLES")}
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch-child",
+                                  workdir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env=env)
+    self._read()                                # loaded, first step done
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(_TAG):
+        return json.loads(line[len(_TAG):])
+      print(line, end="")                       # the child's own output
+    raise RuntimeError(f"the torch child exited (rc {self.proc.wait()})")
+
+  def _send(self, command: str) -> dict:
+    self.proc.stdin.write(command + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def step(self) -> tuple[list[float], float]:
+    out = self._send("step")
+    return out["parts"], out["whole"]
+
+  def finish(self) -> dict:
+    out = self._send("done")
+    self.proc.wait()
+    return out
+
+
+_TAG = "@@torch "
+
+
+def reply(obj: dict) -> None:
+  """The torch child's answer to its parent, one tagged line on stdout."""
+  sys.stdout.write(_TAG + json.dumps(obj) + "\n")
+  sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------------------- bond
 
-def bond_side(args, model_config, params, tokens, weights, check):
+def bond_side(args, model_config, params, tokens, weights, check, torch_child=None):
   import jax
   import jax.numpy as jnp
   import optax
@@ -194,7 +251,18 @@ def bond_side(args, model_config, params, tokens, weights, check):
   def two_jits():
     state[0], metrics = jit_update(state[0], jit_rollout(state[0], batch))
     block((state[0], metrics))
-  timed("step (rollout + update jits)", two_jits)
+  # Whole steps alternate with torch's (one each in turn): a busy spell of the shared host then
+  # slows both sides, not one.
+  first = sampler.best_time(two_jits, 1)
+  pairs = []
+  for _ in range(n):
+    ours = sampler.best_time(two_jits, 1)
+    pairs.append((ours, torch_child.step() if torch_child is not None else None))
+  out["pairs"] = pairs
+  out["step (rollout + update jits)"] = (first, min(p[0] for p in pairs))
+  print(f"  bond {'step (rollout + update jits)':<28} "
+        f"{out['step (rollout + update jits)'][1] * 1e3:9.1f} ms   (first call {first:.1f} s)"
+        + ("; torch steps in between" if torch_child is not None else ""), flush=True)
   out["rss_step"] = rss_peak_gb()
 
   # The stages alone (the update needs a fresh rollout input, not donated).
@@ -281,7 +349,8 @@ def main():
   parser.add_argument("--prompts", type=int, default=None, help="default 16 (--gguf: 4)")
   parser.add_argument("--prompt-len", type=int, default=None, help="default 16 (--gguf: 12)")
   parser.add_argument("--new-tokens", type=int, default=None, help="default 32")
-  parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="timed steps of each side, alternated (default 5)")
   parser.add_argument("--skip-torch", action="store_true")
   parser.add_argument("--scan-layers", action="store_true",
                       help="model.scan_layers=True: full passes scan over the layers")
@@ -291,21 +360,22 @@ def main():
   parser.add_argument("--malloc-hugepages", choices=("on", "off"), default="on",
                       help="run with glibc's huge pages for large buffers, as `python -m "
                            "bond.main` does for this model (bond/hugepages.py; both sides)")
+  parser.add_argument("--torch-glibc-defaults", action="store_true",
+                      help="run the torch side under glibc's default malloc (as a plain PyTorch "
+                           "script runs) instead of bond's setting")
   parser.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if not args.torch_child:     # re-executes this script; the torch child inherits the setting
     from bond import hugepages
     hugepages.maybe_reexec(args.malloc_hugepages == "on")
   if args.torch_child:
-    result = torch_side(args.torch_child, args.steps)
-    with open(os.path.join(args.torch_child, "torch.json"), "w") as f:
-      json.dump(result, f)
+    reply(torch_side(args.torch_child, sys.stdin))
     return
   small = (4, 12) if args.gguf else (4, 8) if args.smoke else (16, 16)
   args.prompts = args.prompts or small[0]
   args.prompt_len = args.prompt_len or small[1]
   args.new_tokens = args.new_tokens or (8 if args.smoke else 32)
-  args.steps = args.steps or (1 if args.smoke else 3)
+  args.steps = args.steps or (1 if args.smoke else 5)
   if args.smoke:
     args.preset, args.skip_single_jit = "tiny_gemma3", True
 
@@ -340,22 +410,29 @@ def main():
   print(f"devices: {jax.devices()}  load average at start: {load[0]:.2f} {load[1]:.2f} "
         f"{load[2]:.2f}  measured bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s  persistent "
         f"compilation cache: {jax.config.jax_compilation_cache_dir or 'off'}  "
-        f"{hugepages.status()}", flush=True)
+        f"{hugepages.status()}"
+        + ("; torch under glibc's defaults" if args.torch_glibc_defaults else "; torch likewise"),
+        flush=True)
 
   torch_result = None
   hf_config = model_config
   model_config = model_config.replace(eos_id=-1)     # no eos: every row has new_tokens tokens
-  if not args.skip_torch:
-    with tempfile.TemporaryDirectory() as workdir:
+  with tempfile.TemporaryDirectory() as workdir:
+    child = None
+    if not args.skip_torch:
       convert.to_hf(hf_config, params, os.path.join(workdir, "hf"))
       np.savez(os.path.join(workdir, "data.npz"), prompts=tokens, weights=weights, check=check,
                new_tokens=t)
-      print("torch: running in a child process ...", flush=True)
-      subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-child", workdir,
-                      "--steps", str(args.steps)], check=True)
-      with open(os.path.join(workdir, "torch.json")) as f:
-        torch_result = json.load(f)
-  ours = bond_side(args, model_config, params, tokens, weights, check)
+      print("torch: loading in a child process (its steps alternate with bond's) ...", flush=True)
+      child = TorchChild(workdir, args.torch_glibc_defaults)
+    try:
+      ours = bond_side(args, model_config, params, tokens, weights, check, child)
+    finally:
+      if child is not None:
+        torch_result = child.finish()
+  if torch_result:
+    runs = [p[1] for p in ours["pairs"]]
+    torch_result["whole"] = min(r[1] for r in runs)
 
   # ---- table
   grad_tokens = 2 * b * (p + t)                      # policy on [best anchor; y], prompt included
@@ -406,7 +483,13 @@ def main():
     diff = np.abs(np.asarray(torch_result["check"]) - ours["check"])
     print(f"same weights: teacher-forced log-probs of fixed completions, bond vs torch (bf16): "
           f"max |diff| {diff.max():.3f} over |log p| ~ {np.abs(ours['check']).mean():.1f}")
-  print(f"ratio torch/bond per whole step: {torch_whole / bond_whole:.2f}x   (total wall "
+  if torch_result:
+    ratios = sorted(tp[1] / ob for ob, tp in ours["pairs"])
+    print("whole steps in alternation, bond / torch ms: " + ", ".join(
+        f"{ob * 1e3:.0f} / {tp[1] * 1e3:.0f}" for ob, tp in ours["pairs"])
+        + f"; per-pair ratio median {float(np.median(ratios)):.2f}x (range {ratios[0]:.2f}-"
+        f"{ratios[-1]:.2f})")
+  print(f"ratio torch/bond per whole step (best / best): {torch_whole / bond_whole:.2f}x   (total wall "
         f"{time.perf_counter() - start:.0f} s, load average at end {os.getloadavg()[0]:.2f})")
 
 

@@ -135,7 +135,7 @@ def _malloc_hugepages(config) -> None:
   """Re-executes this process with glibc's huge pages for large buffers when the config asks for
   them (`train.malloc_hugepages`, bond/hugepages.py); before JAX allocates anything."""
   from bond import hugepages
-  hugepages.maybe_reexec(hugepages.enabled_for(config))
+  hugepages.reexec_for(config)
   logging.info(hugepages.status())
 
 

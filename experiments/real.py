@@ -1271,7 +1271,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     apply_overrides(base, args.set)
     if argv is None:   # run as a script: glibc's huge pages, as `python -m bond.main` re-executes
       from bond import hugepages
-      hugepages.maybe_reexec(hugepages.enabled_for(base))
+      hugepages.reexec_for(base)
     if base.train.compilation_cache:   # as `python -m bond.main` does
       import jax
       jax.config.update("jax_compilation_cache_dir",

@@ -11,6 +11,8 @@ from bond import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC, MODE = hugepages.glibc_version(), hugepages.thp_mode()
+FULL = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
+        "glibc.malloc.trim_threshold=68719476736")
 CAN = sys.platform.startswith("linux") and GLIBC is not None and GLIBC >= (2, 35) and MODE in (
     "madvise", "always")
 
@@ -18,9 +20,21 @@ CAN = sys.platform.startswith("linux") and GLIBC is not None and GLIBC >= (2, 35
 def test_environment_adds_the_tunable_and_keeps_the_users_others():
   env = hugepages.environment({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
                               (2, 36), "madvise")
-  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  # The user's arena_max stays and ours is not added; the other keep-memory tunables are.
+  assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:"
+                                   "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736")
   assert env["PATH"] == "/bin"
-  assert hugepages.environment({}, (2, 35), "always")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert hugepages.environment({}, (2, 35), "always")["GLIBC_TUNABLES"] == FULL
+  assert hugepages.environment({}, (2, 35), "always", keep=False)["GLIBC_TUNABLES"] == (
+      "glibc.malloc.hugetlb=1")
+
+
+def test_freed_memory_is_kept_for_full_fine_tuning_only():
+  from bond import defaults
+  config = defaults.get_config()
+  assert hugepages.keep_for(config)
+  config.model.lora.rank = 8
+  assert not hugepages.keep_for(config)
 
 
 @pytest.mark.parametrize("environ, glibc, mode", [
@@ -63,10 +77,12 @@ def test_thp_mode_parses_the_kernel_file(tmp_path):
   assert hugepages.thp_mode(str(tmp_path / "missing")) is None
 
 
-# A child that re-executes itself as the CLI does (argv[1] 'on' or 'off'), then mallocs 64 MiB through libc, writes it and
-# reports the tunable it runs under and how much of its anonymous memory is in huge pages.
+# A child that re-executes itself as the CLI does (argv[1] 'on' or 'off'), then mallocs 64 MiB
+# through libc and writes it, frees it, mallocs and writes 64 MiB again (as a training step's
+# buffers come and go), and reports the tunables it runs under, how much of its anonymous memory
+# is in huge pages, and the page faults of the second buffer.
 _CHILD = r"""
-import ctypes, os, sys
+import ctypes, os, resource, sys
 sys.path.insert(0, %r)
 from bond import hugepages
 hugepages.maybe_reexec(sys.argv[1] == "on")
@@ -76,26 +92,35 @@ size = 64 << 20
 p = libc.malloc(ctypes.c_size_t(size))
 ctypes.memset(p, 1, size)
 huge = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:")]
-print(os.environ.get("GLIBC_TUNABLES", ""), int(huge[0].split()[1]) if huge else 0)
+libc.free(ctypes.c_void_p(p))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+q = libc.malloc(ctypes.c_size_t(size))
+ctypes.memset(q, 2, size)
+refaults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(os.environ.get("GLIBC_TUNABLES", "-"), int(huge[0].split()[1]) if huge else 0, refaults)
 """ % ROOT
 
 
-def _child(setting: str) -> tuple[str, int]:
+def _child(setting: str) -> tuple[str, int, int]:
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   out = subprocess.run([sys.executable, "-c", _CHILD, setting], env=env, capture_output=True,
                        text=True, timeout=60, check=True).stdout.split()
-  return (out[0], int(out[1])) if len(out) == 2 else ("", int(out[0]))
+  return out[0], int(out[1]), int(out[2])
 
 
 @pytest.mark.skipif(not CAN, reason=f"needs Linux, glibc >= 2.35 and THP (glibc {GLIBC}, "
                                     f"THP {MODE})")
-def test_reexec_gives_malloced_memory_huge_pages():
-  tunables, huge_kb = _child("on")
-  assert tunables == "glibc.malloc.hugetlb=1"
+def test_reexec_gives_malloced_memory_huge_pages_and_keeps_it():
+  tunables, huge_kb, refaults = _child("on")
+  assert tunables == FULL
   assert huge_kb >= 32 << 10            # at least half of the 64 MiB in 2 MiB pages
-  if MODE == "madvise":                 # control: without the tunable glibc never asks for them
-    tunables, huge_kb = _child("off")
-    assert tunables == "" and huge_kb < 8 << 10
+  assert refaults < 64                  # the freed 64 MiB was reused: no fresh pages
+  # Control: glibc's defaults map the buffer apart and unmap it when freed, so the second one
+  # faults in fresh pages (16,384 of 4 KiB, or 32 huge ones under THP 'always').
+  tunables, huge_kb, refaults = _child("off")
+  assert tunables == "-" and refaults >= 32
+  if MODE == "madvise":                 # without the tunable glibc never asks for huge pages
+    assert huge_kb < 8 << 10 and refaults >= 8192
 
 
 @pytest.mark.skipif(not CAN, reason=f"needs Linux, glibc >= 2.35 and THP (glibc {GLIBC}, "
