@@ -13,7 +13,7 @@ prompt) against B * N copied prompts (one prefill per row).
   python benchmarks/sampler.py                      # all models (~5 min on 2 cores)
   python benchmarks/sampler.py --models gemma3_35m:bf16 --batches 8
   python benchmarks/sampler.py --models gemma3_35m:bf16 --batches 64 --new_tokens 64 --temperature 0
-  python benchmarks/sampler.py --malloc-hugepages=off   # glibc's default 4 KiB pages (before session 12)
+  python benchmarks/sampler.py --malloc-hugepages=off   # glibc's defaults (before session 12)
 """
 
 from __future__ import annotations

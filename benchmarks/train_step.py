@@ -489,7 +489,8 @@ def main():
         f"{ob * 1e3:.0f} / {tp[1] * 1e3:.0f}" for ob, tp in ours["pairs"])
         + f"; per-pair ratio median {float(np.median(ratios)):.2f}x (range {ratios[0]:.2f}-"
         f"{ratios[-1]:.2f})")
-  print(f"ratio torch/bond per whole step (best / best): {torch_whole / bond_whole:.2f}x   (total wall "
+  print(f"ratio torch/bond per whole step (best / best): {torch_whole / bond_whole:.2f}x   "
+        f"(total wall "
         f"{time.perf_counter() - start:.0f} s, load average at end {os.getloadavg()[0]:.2f})")
 
 

@@ -134,9 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.compilation_cache = "~/.cache/bond/jax"   # JAX's persistent compilation cache for
   #                                   `python -m bond.main` (reruns skip compiling); '' disables it
   c.train.malloc_hugepages = "auto"  # auto | on | off: the CLI re-executes itself with glibc's
-  #                                   transparent huge pages for large buffers, freed memory kept
-  #                                   for reuse (bond/hugepages.py: faster, steadier steps, slower
-  #                                   start-up, RSS stays at its peak); auto = on but for toy/tiny_*
+  #                                   transparent huge pages for large buffers and, without LoRA,
+  #                                   freed memory kept for reuse (bond/hugepages.py: faster,
+  #                                   steadier steps, slower start-up, RSS stays at its peak);
+  #                                   auto = on but for toy/tiny_*
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10                 # evaluate every this many steps (and at the end)

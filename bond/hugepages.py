@@ -11,8 +11,9 @@ the kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`) on the memory i
 Huge pages alone still return every freed buffer to the kernel and fault in fresh ones on the
 next step. On this project's VMs (whose hypervisor takes back memory the guest frees) that made
 the steps bimodal: some steps spent 1-2 s of system time faulting (35M J-BOND step 2.1-2.4 s
-against 1.2-1.3 s; 270M 5.4-5.6 s against 3.4 s; benchmarks/RESULTS.md, session 13). So `on`
-also keeps freed memory in the process for the next step: `glibc.malloc.mmap_max=0` (no
+against 1.2-1.3 s in the same process; 270M full fine-tuning medians 5.4-5.6 s, best 3.4 s;
+benchmarks/RESULTS.md, session 13). So `on` also keeps freed memory in the process for the
+next step (full fine-tuning only, below): `glibc.malloc.mmap_max=0` (no
 per-buffer mappings), `arena_max=1` (glibc's per-thread arenas map buffers over 64 MiB
 regardless) and a 64 GiB `trim_threshold` (freed heap is not returned). Steps then fault almost
 never (0.01-0.08 s of system time per step) and the process's RSS stays at its peak. The CLI
@@ -123,9 +124,10 @@ def environment(environ: Mapping[str, str], glibc: tuple[int, int] | None,
 def maybe_reexec(enable: bool = True, argv: Sequence[str] | None = None,
                  keep: bool = True) -> None:
   """Re-executes this process with `glibc.malloc.hugetlb=1` (and, with `keep`, the `KEEP`
-  tunables) if `enable` and `environment` says so; otherwise returns. Call it before the process allocates much (glibc reads its tunables
-  only at start-up). `argv` defaults to the interpreter's original command line
-  (`sys.orig_argv`), so `python -m bond.main ...` and `python script.py ...` rerun as invoked.
+  tunables) if `enable` and `environment` says so; otherwise returns. Call it before the process
+  allocates much (glibc reads its tunables only at start-up). `argv` defaults to the interpreter's
+  original command line (`sys.orig_argv`), so `python -m bond.main ...` and `python script.py ...`
+  rerun as invoked.
   """
   if not enable or not sys.platform.startswith("linux"):
     return

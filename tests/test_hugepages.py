@@ -22,7 +22,8 @@ def test_environment_adds_the_tunable_and_keeps_the_users_others():
                               (2, 36), "madvise")
   # The user's arena_max stays and ours is not added; the other keep-memory tunables are.
   assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:"
-                                   "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736")
+                                   "glibc.malloc.mmap_max=0:"
+                                   "glibc.malloc.trim_threshold=68719476736")
   assert env["PATH"] == "/bin"
   assert hugepages.environment({}, (2, 35), "always")["GLIBC_TUNABLES"] == FULL
   assert hugepages.environment({}, (2, 35), "always", keep=False)["GLIBC_TUNABLES"] == (
