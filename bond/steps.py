@@ -62,6 +62,25 @@ class TrainState:
     return lora_lib.reference(self.lora, self.ref_params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` without its per-leaf select: g / d · m with scalars d, m =
+  (‖g‖, max_norm) when ‖g‖ >= max_norm, else (1, 1).
+
+  optax selects between g and g / ‖g‖ · max_norm, and XLA:CPU then writes the clipped copy out
+  and Adam's moment updates read both it and g. Here they read g and (at most) one clipped copy:
+  the optimizer + EMA anchor update of Gemma 3 270M took 185-210 ms against 260-415 ms with
+  optax's (benchmarks/RESULTS.md, session 14). Bit for bit optax's values and its (empty) state.
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    clip = norm >= max_norm      # optax's form, (g / ‖g‖) · max_norm, so the values are its own
+    div, mul = jnp.where(clip, norm, 1.0), jnp.where(clip, max_norm, 1.0)
+    return jax.tree.map(lambda g: (g / div.astype(g.dtype)) * mul.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(optim_config) -> optax.GradientTransformation:
   """Adam with linear warm-up (BOND paper: lr 3e-6, 100 warm-up steps), optional clipping.
 
@@ -71,7 +90,7 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
               if optim_config.warmup_steps > 0 else optax.constant_schedule(optim_config.lr))
   chain = []
   if optim_config.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(optim_config.grad_clip))
+    chain.append(clip_by_global_norm(optim_config.grad_clip))
   chain.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
                            weight_decay=optim_config.weight_decay))
   return optax.chain(*chain)
@@ -109,6 +128,10 @@ def make_loss_fn(config, model_config: gemma.GemmaConfig, lora: lora_lib.Spec | 
       return rollout_lib.completion_log_probs(model_config, p, rollout.prompt_tokens,
                                               rollout.prompt_mask, samples.tokens, samples.mask,
                                               chunk_size=config.model.logprob_chunk)
+    # One pass over all of a loss's sample sets where the vocabulary projection is chunked
+    # (`objectives._pass`).
+    chunk = config.model.logprob_chunk
+    logp.one_pass = bool(chunk) and chunk < model_config.vocab_size
     return algorithm.loss(params, rollout, config.bond, logp)
 
   return loss_fn

@@ -338,6 +338,56 @@ def test_registry():
                           "bond_bwd, bond_fwd, bond_jeffreys, dpo, ipo, jbond, reinforce, sft")
 
 
+def test_one_teacher_forced_pass_over_all_sample_sets():
+  """The losses' log-prob pass with `logp.one_pass`: one logp call over the sets joined on N,
+  each set's [B, N_i] (values and gradients) as a call per set gives them; sets of different T,
+  or a logp without `one_pass`: a call each."""
+  from bond import rollout
+  table = jnp.asarray(RNG.normal(size=(2, 11)).astype(np.float32))
+
+  def make_logp(calls):
+    def logp(params, samples):   # [B, N, T] -> [B, N]: a made-up per-token score, masked sum
+      calls.append(samples.tokens.shape)
+      w = params[samples.tokens % 2, samples.tokens]
+      return jnp.sum(jnp.where(samples.mask, w * w, 0.0), axis=-1)
+    logp.one_pass = True
+    return logp
+
+  def sets(lengths):
+    out = []
+    for n, t in lengths:
+      tokens = jnp.asarray(RNG.integers(0, 11, size=(3, n, t)))
+      out.append(rollout.Samples(tokens, jnp.asarray(RNG.random((3, n, t)) < 0.7),
+                                 rewards=jnp.zeros((3, n))))
+    return out
+
+  same = sets([(1, 4), (2, 4), (1, 4)])
+  calls = []
+  joined = lambda p: objectives._pass(p, make_logp(calls), *same)  # noqa: E731
+  apart = lambda p: [make_logp([])(p, s) for s in same]  # noqa: E731
+  for got, want in zip(joined(table), apart(table)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert calls == [(3, 4, 4)]
+  weights = [1.0, -2.0, 3.0]
+  loss = lambda parts: sum(w * jnp.sum(jnp.sin(x)) for w, x in zip(weights, parts))  # noqa: E731
+  np.testing.assert_allclose(jax.grad(lambda p: loss(joined(p)))(table),
+                             jax.grad(lambda p: loss(apart(p)))(table), rtol=1e-5, atol=1e-6)
+
+  calls = []
+  per_set = make_logp(calls)
+  per_set.one_pass = False
+  for got, want in zip(objectives._pass(table, per_set, *same), apart(table)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert calls == [(3, 1, 4), (3, 2, 4), (3, 1, 4)]
+
+  ragged = sets([(1, 4), (1, 5)])
+  calls = []
+  got = objectives._pass(table, make_logp(calls), *ragged)
+  assert calls == [(3, 1, 4), (3, 1, 5)]
+  for g, s in zip(got, ragged):
+    np.testing.assert_allclose(g, make_logp([])(table, s), rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Monte Carlo gradients on the exact toy harness.
 #

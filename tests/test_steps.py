@@ -283,6 +283,74 @@ def test_metric_only_ref_pass_runs_on_logged_steps_only(objective, ref_for_loss,
     assert float(m_on["loss"]) == float(m_off["loss"])
 
 
+@pytest.mark.parametrize("objective", ["jbond", "bonbon"])
+def test_loss_scores_all_sample_sets_in_one_pass_where_the_head_is_chunked(objective, monkeypatch):
+  """make_loss_fn with the chunked head (model.logprob_chunk < V): one teacher-forced pass over
+  the loss's sample sets joined; with the full logits (chunk 0): a pass per set. Loss and
+  gradients agree (f32 toy model; the two head paths are compared in tests/test_logprobs.py)."""
+  from bond import logprobs
+  from bond import rollout as rollout_lib
+  r = runner(objective)
+  state, batch = r.init(), r.batch(0)
+  ro = rollout_lib.make_rollout_fn(r.config, r.exp.model_config, r.exp.reward_fn)(
+      state, batch, jax.random.PRNGKey(3), True)
+  calls = []
+  for name in ("completion_log_probs", "completion_log_probs_full"):
+    real = getattr(logprobs, name)
+    monkeypatch.setattr(logprobs, name, lambda *a, real=real, name=name, **k:
+                        calls.append((name, a[4].shape)) or real(*a, **k))
+  out = {}
+  for chunk in (0, 2):                      # the toy vocabulary has 5 tokens
+    config = r.config.copy_and_resolve_references()
+    config.model.logprob_chunk = chunk
+    loss_fn = steps.make_loss_fn(config, r.exp.model_config)
+    calls.clear()
+    out[chunk] = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ro)
+    out[chunk, "calls"] = list(calls)
+  b = batch["prompt_tokens"].shape[0]
+  t = r.config.sampling.max_new_tokens
+  assert out[0, "calls"] == [("completion_log_probs_full", (b, 1, t))] * 2, out[0, "calls"]
+  assert out[2, "calls"] == [("completion_log_probs", (b, 2, t))], out[2, "calls"]
+  (loss0, _), grads0 = out[0]
+  (loss2, _), grads2 = out[2]
+  np.testing.assert_allclose(loss2, loss0, rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), grads2, grads0)
+
+
+def test_clip_by_global_norm_scales_by_one_factor_like_optax():
+  """g · min(1, c / ‖g‖) against NumPy; the optimizer keeps optax's state layout and its steps
+  are optax's clip_by_global_norm + adamw bit for bit (checkpoints restore either way)."""
+  rng = np.random.default_rng(0)
+  tree = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
+  norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in tree.values()))
+  clip = steps.clip_by_global_norm(2.0)
+  for scale, want_factor in ((6.0 / norm, 1.0 / 3.0), (1.0 / norm, 1.0), (0.0, 1.0)):
+    g = {k: jnp.asarray(v * scale) for k, v in tree.items()}
+    got, state = clip.update(g, clip.init(g))
+    for k in tree:
+      np.testing.assert_allclose(got[k], tree[k] * scale * want_factor, rtol=1e-6, atol=0)
+      assert np.all(np.isfinite(got[k]))
+  g = {k: jnp.asarray(v * 0.5 / norm) for k, v in tree.items()}   # under the norm: untouched
+  assert all(np.array_equal(clip.update(g, None)[0][k], g[k]) for k in g)
+  bf = {"a": jnp.asarray(tree["a"] * 10, jnp.bfloat16)}
+  assert clip.update(bf, None)[0]["a"].dtype == jnp.bfloat16
+
+  config = toy_jbond.get_config().optim
+  config.update(grad_clip=0.5, warmup_steps=0, weight_decay=0.01)
+  ours = steps.make_optimizer(config)
+  theirs = optax.chain(optax.clip_by_global_norm(0.5),
+                       optax.adamw(optax.constant_schedule(config.lr), b1=config.b1, b2=config.b2,
+                                   weight_decay=0.01))
+  params = {k: jnp.asarray(v) for k, v in tree.items()}
+  s_ours, s_theirs = ours.init(params), theirs.init(params)
+  assert jax.tree.structure(s_ours) == jax.tree.structure(s_theirs)
+  for step in range(3):
+    g = {k: jnp.asarray(rng.normal(size=v.shape).astype(np.float32) * (step + 1)) for k, v in tree.items()}
+    u_ours, s_ours = ours.update(g, s_ours, params)
+    u_theirs, s_theirs = theirs.update(g, s_theirs, params)
+    jax.tree.map(np.testing.assert_array_equal, u_ours, u_theirs)
+
+
 def test_logged_steps_rule():
   config = toy_jbond.get_config()
   config.train.update(log_every=10, num_steps=95)
