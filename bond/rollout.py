@@ -229,8 +229,6 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
 
   return rollout_fn, Stages(sample, finish)
 
-  return rollout_fn
-
 
 def metrics(rollout: Rollout) -> dict[str, Array]:
   """Batch metrics of the policy's own samples (online rollouts; {} otherwise).

@@ -62,25 +62,6 @@ class TrainState:
     return lora_lib.reference(self.lora, self.ref_params)
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """`optax.clip_by_global_norm` without its per-leaf select: g / d · m with scalars d, m =
-  (‖g‖, max_norm) when ‖g‖ >= max_norm, else (1, 1).
-
-  optax selects between g and g / ‖g‖ · max_norm, and XLA:CPU then writes the clipped copy out
-  and Adam's moment updates read both it and g. Here they read g and (at most) one clipped copy:
-  the optimizer + EMA anchor update of Gemma 3 270M took 185-210 ms against 260-415 ms with
-  optax's (benchmarks/RESULTS.md, session 14). Bit for bit optax's values and its (empty) state.
-  """
-  def update_fn(updates, state, params=None):
-    del params
-    norm = optax.global_norm(updates)
-    clip = norm >= max_norm      # optax's form, (g / ‖g‖) · max_norm, so the values are its own
-    div, mul = jnp.where(clip, norm, 1.0), jnp.where(clip, max_norm, 1.0)
-    return jax.tree.map(lambda g: (g / div.astype(g.dtype)) * mul.astype(g.dtype), updates), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
 def make_optimizer(optim_config) -> optax.GradientTransformation:
   """Adam with linear warm-up (BOND paper: lr 3e-6, 100 warm-up steps), optional clipping.
 
@@ -90,7 +71,7 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
               if optim_config.warmup_steps > 0 else optax.constant_schedule(optim_config.lr))
   chain = []
   if optim_config.grad_clip > 0:
-    chain.append(clip_by_global_norm(optim_config.grad_clip))
+    chain.append(optax.clip_by_global_norm(optim_config.grad_clip))
   chain.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
                            weight_decay=optim_config.weight_decay))
   return optax.chain(*chain)
