@@ -317,9 +317,9 @@ def _pass(params, logp, *samples) -> list[Array]:
   A pass per set, or, where `logp.one_pass` is set (`steps.make_loss_fn` sets it when the
   vocabulary projection is chunked), one pass over the sets concatenated on N: the chunked
   projection then streams the tied embedding once instead of once per set (Gemma 3 270M J-BOND
-  fwd+bwd 0.96-1.05 s against 1.29-1.57 s; benchmarks/RESULTS.md, session 14). Elsewhere the
-  per-set passes keep the toy harness's trajectories as they were. Sets of different lengths T
-  always run a pass each.
+  fwd+bwd 1.18x faster, gemma3_35m 1.02x: `python benchmarks/loss_passes.py [--gguf]`). Elsewhere
+  the per-set passes keep the toy harness's trajectories as they were. Sets of different lengths
+  T always run a pass each.
   """
   if (not getattr(logp, "one_pass", False) or len(samples) == 1
       or len({s.tokens.shape[2] for s in samples}) > 1):
