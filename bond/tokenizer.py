@@ -164,17 +164,16 @@ def _gguf_sentencepiece_proto(path: str) -> bytes:
   spells them with U+2581), and control tokens other than pad/eos/bos/unk (e.g.
   `<start_of_turn>`) are matched in text, so they become user-defined pieces here.
   """
-  from gguf import GGUFReader
   from sentencepiece import sentencepiece_model_pb2 as pb
 
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no GGUF file at {path!r}")
-  fields = GGUFReader(path).fields
-  if fields["tokenizer.ggml.model"].contents() != "llama":
-    raise ValueError(f"GGUF tokenizer model {fields['tokenizer.ggml.model'].contents()!r} is not "
+  from bond.models import gguf_file
+
+  fields = gguf_file.read(path).fields
+  if fields.get("tokenizer.ggml.model") != "llama":
+    raise ValueError(f"GGUF tokenizer model {fields.get('tokenizer.ggml.model')!r} is not "
                      "a SentencePiece ('llama') vocabulary")
-  tokens = fields["tokenizer.ggml.tokens"].contents()
-  ids = {k: int(fields[f"tokenizer.ggml.{k}_token_id"].contents())
+  tokens = fields["tokenizer.ggml.tokens"]
+  ids = {k: int(fields[f"tokenizer.ggml.{k}_token_id"])
          for k in ("unknown", "bos", "eos", "padding")}
   proto = pb.ModelProto()
   spec = proto.trainer_spec
@@ -187,14 +186,13 @@ def _gguf_sentencepiece_proto(path: str) -> bytes:
       tokens[ids["unknown"]], tokens[ids["bos"]], tokens[ids["eos"]], tokens[ids["padding"]])
   norm = proto.normalizer_spec
   norm.name = "identity"
-  prefix = fields.get("tokenizer.ggml.add_space_prefix")
-  norm.add_dummy_prefix = bool(prefix.contents()) if prefix is not None else False
+  norm.add_dummy_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", False))
   norm.remove_extra_whitespaces = False
   norm.escape_whitespaces = True
   control = pb.ModelProto.SentencePiece.CONTROL
   specials = set(ids.values())
-  for i, (token, score, kind) in enumerate(zip(tokens, fields["tokenizer.ggml.scores"].contents(),
-                                               fields["tokenizer.ggml.token_type"].contents())):
+  for i, (token, score, kind) in enumerate(zip(tokens, fields["tokenizer.ggml.scores"].tolist(),
+                                               fields["tokenizer.ggml.token_type"].tolist())):
     piece = proto.pieces.add()
     piece.piece = "\u2581" * len(token) if token and not token.strip(" ") else token
     piece.score = score

@@ -33,6 +33,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from bond.models import gguf_file
 from bond.models.gemma import GLOBAL, LOCAL, GemmaConfig
 
 Params = dict[str, Any]
@@ -408,25 +409,22 @@ def from_gguf(path: str, dtype: Any = jnp.float32,
   Metadata missing from GGUF (local RoPE base, query_pre_attn_scalar, layer pattern) takes
   transformers' Gemma3TextConfig defaults, exactly as transformers' own GGUF loader does.
   """
-  from gguf import GGUFReader
   from gguf.quants import dequantize
 
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no GGUF file at {path!r}")
-  reader = GGUFReader(path)
+  reader = gguf_file.read(path)
   fields = reader.fields
-  arch = fields["general.architecture"].contents()
+  arch = fields["general.architecture"]
   if arch not in SUPPORTED_GGUF_ARCHITECTURES:
     raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: "
                      f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
   hf = {"model_type": "gemma3_text",
-        "vocab_size": len(fields["tokenizer.ggml.tokens"].data)}
+        "vocab_size": len(fields["tokenizer.ggml.tokens"])}
   for key, hf_key in _GGUF_CONFIG_KEYS.items():
     if f"{arch}.{key}" in fields:
-      hf[hf_key] = fields[f"{arch}.{key}"].contents()
+      hf[hf_key] = fields[f"{arch}.{key}"]
   for key, hf_key in _GGUF_TOKEN_IDS.items():
     if f"tokenizer.ggml.{key}" in fields:
-      hf[hf_key] = fields[f"tokenizer.ggml.{key}"].contents()
+      hf[hf_key] = fields[f"tokenizer.ggml.{key}"]
   config = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
 
   names = {"token_embd": "embed_tokens", "output_norm": "norm"}
