@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random HF PyTorch Gemma 1/2/3 models (the reference) and padded batches."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,26 @@ def hf_logits(model, tokens, mask):
                 attention_mask=torch.tensor(mask, dtype=torch.long),
                 position_ids=torch.tensor(positions, dtype=torch.long))
   return out.logits.float().numpy()
+
+
+# Modules whose tests share a costly module-scoped fixture (a trained run, a loaded 270M model):
+# under `-n N` each runs whole on one worker, so the fixture is built once rather than once per
+# worker. (xdist's own `--dist loadgroup` marks stopped grouping under pytest 9: it renames node
+# ids through an attribute pytest 9 no longer reads.) Every other test is scheduled on its own.
+SHARED_FIXTURE_MODULES = ("test_gguf.py", "test_multihost.py", "test_notebooks.py",
+                          "test_train.py")
+
+
+@pytest.hookimpl(optionalhook=True)    # only called under pytest-xdist
+def pytest_xdist_make_scheduler(config, log):
+  from xdist.scheduler import LoadScopeScheduling
+
+  class Scheduler(LoadScopeScheduling):
+    """xdist's scope scheduler (largest work units first) with one unit per test, except one
+    per module for SHARED_FIXTURE_MODULES."""
+
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split("::", 1)[0]
+      return module if os.path.basename(module) in SHARED_FIXTURE_MODULES else nodeid
+
+  return Scheduler(config, log)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond import assets
+from bond import assets, sampling
 from bond.models import convert, gemma
 from bond.tokenizer import Tokenizer
 from conftest import hf_logits
@@ -86,6 +86,8 @@ def greedy(config, params, tokens, mask, steps):
 
 
 def test_greedy_continuation_matches_transformers(ours, hf_model, batch, tokenizer, torch):
+  """The model's KV-cache decode and the sampler (`sampling.sample`, greedy, default decode
+  backend) both continue the prompts exactly as HF `generate` does."""
   config, params = ours
   tokens, mask = batch
   got = greedy(config, params, tokens, mask, NEW_TOKENS)
@@ -95,5 +97,9 @@ def test_greedy_continuation_matches_transformers(ours, hf_model, batch, tokeniz
                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                             do_sample=False).numpy()[:, tokens.shape[1]:]
   np.testing.assert_array_equal(got, ref)
+  sampled = sampling.sample(config, params, jnp.asarray(tokens), jnp.asarray(mask),
+                            jax.random.key(0), max_new_tokens=NEW_TOKENS, temperature=0.0,
+                            eos_id=None)
+  np.testing.assert_array_equal(np.asarray(sampled.tokens[:, 0]), ref)
   for prompt, row in zip(PROMPTS, got):
     print(f"{prompt!r} -> {tokenizer.decode(row)!r}")

@@ -94,24 +94,6 @@ def test_greedy_matches_hf_generate(hf_model_dir):
   assert not np.asarray(out.mask[0, 0, 4:]).any()
 
 
-@pytest.mark.slow
-def test_gemma3_270m_greedy_matches_transformers_gguf(torch):
-  import transformers
-  from bond import assets
-  from bond.tokenizer import Tokenizer
-  path = assets.gemma3_270m_gguf_path()
-  config, params = convert.from_gguf(path)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
-      attn_implementation="eager").eval()
-  tokens, mask = Tokenizer.from_gguf(path).batch_encode(
-      ["The capital of France is", "Once upon a time, there was a little"])
-  out = sampling.sample(config, params, tokens, mask, jax.random.key(0), max_new_tokens=32,
-                        temperature=0.0, eos_id=None)
-  ref = hf_generate(model, tokens, mask, 32, None, config.pad_id)
-  np.testing.assert_array_equal(np.asarray(out.tokens[:, 0]), ref)
-
-
 # ------------------------------------------------------------------- log-probs and eos
 
 
