@@ -1,11 +1,11 @@
 """A GGUF file's metadata and tensors, read in well under a second.
 
-`gguf.GGUFReader` builds a NumPy view per array element of every metadata field: on Gemma 3's
-vocabulary (262,144 token strings, scores and types) that took 8-10 s per read, twice per
-model load (weights and tokenizer). This reader parses the same little-endian GGUF v2/v3 layout with `struct`
-over one memory map; tensor data are the same zero-copy views gguf builds (quantized types as
-uint8 rows of blocks), so `gguf.quants.dequantize` takes them as it takes gguf's.
-tests/test_gguf_file.py checks every field and tensor against `gguf.GGUFReader`;
+`gguf.GGUFReader` builds a NumPy view per array element of every metadata field: on Gemma
+3's vocabulary (262,144 token strings, scores and types) that took 8-10 s per read, twice per
+model load (weights and tokenizer). This reader parses the same little-endian GGUF v2/v3 layout
+with `struct` over one memory map; tensor data are the same zero-copy views gguf builds
+(quantized types as uint8 rows of blocks), so `gguf.quants.dequantize` takes them as it takes
+gguf's. tests/test_gguf_file.py checks every field and tensor against `gguf.GGUFReader`;
 benchmarks/gguf_load.py times both.
 """
 
