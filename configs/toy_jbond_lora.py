@@ -4,8 +4,8 @@ Rank 5 on the embedding (the toy vocabulary has 5 tokens: full rank) and on ever
 MLP projection; the anchor is an EMA of the factors (bond/lora.py). The toy Gemma scales its
 logits by 0.05 in the final norm, so its projections barely move the policy: without the
 embedding target the policy stays at π_ref (effective N ≈ 1 after 180 steps); with it, and a
-2.5x larger learning rate than full fine-tuning, J-BOND passes Best-of-4 on the mean of seeds 0-2
-(N* 6.1, 3.3, 3.3; full fine-tuning 5.1, 4.4, 7.7: docs/toy_results.md).
+2.5x larger learning rate than full fine-tuning, J-BOND passes Best-of-4 on average over seeds
+(N* 2.5-8.1 over seeds 0-7, mean 4.6: docs/toy_results.md).
 """
 
 from configs import toy_jbond
