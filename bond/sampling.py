@@ -155,10 +155,12 @@ def _compute_params(config: gemma.GemmaConfig, params: Any, packed: Any = None) 
 
 
 def _prefill(config: gemma.GemmaConfig, params: Any, tokens: Array, mask: Array,
-             positions: Array, cache: gemma.Cache) -> gemma.Cache:
-  """Writes tokens [B, P'] into the cache; the hidden states are not needed (no logits)."""
-  _, cache = gemma.Gemma(config).apply({"params": params}, tokens, positions=positions,
-                                       attention_mask=mask, cache=cache, return_hidden=True)
+             positions: Array, cache: gemma.Cache, backend=gemma.XLA) -> gemma.Cache:
+  """Writes tokens [B, P'] into the cache; the hidden states are not needed (no logits). Given
+  the params only (not its packed weights), a backend runs only its token lookup here."""
+  _, cache = gemma.Gemma(config, backend=backend).apply(
+      {"params": params}, tokens, positions=positions, attention_mask=mask, cache=cache,
+      return_hidden=True)
   return cache
 
 
@@ -217,7 +219,8 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
 
   cache = gemma.init_cache(config, b, p - 1 + t)
   if p > 1:
-    cache = _prefill(config, params, prompt_tokens[:, :-1], mask[:, :-1], positions[:, :-1], cache)
+    cache = _prefill(config, params, prompt_tokens[:, :-1], mask[:, :-1], positions[:, :-1], cache,
+                     backend)
   cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
 
   r = b * n

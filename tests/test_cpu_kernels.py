@@ -229,6 +229,44 @@ def test_sampler_uses_the_kernels_in_bf16_and_matches_a_teacher_forced_pass(name
   np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=0.1)   # bf16 rounding
 
 
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+def test_token_lookup_copies_the_rows_of_a_bf16_table_without_converting_it(monkeypatch):
+  """`take_rows` is `jnp.take` bit for bit (repeated, first and last ids); the sampler of a bf16
+  model looks tokens up through it, in the prefill and in every decode step, so its compiled
+  program holds no converted copy of the whole embedding (XLA's own bf16 lookup makes one)."""
+  table = jax.random.normal(jax.random.key(0), (1000, 64)).astype(jnp.bfloat16)
+  ids = jnp.asarray([[0, 999, 5], [7, 7, 123]], jnp.int32)
+  bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint16))  # noqa: E731
+  np.testing.assert_array_equal(bits(jax.jit(cpu_kernels.take_rows)(table, ids)),
+                                bits(jnp.take(table, ids, axis=0)))
+  with pytest.raises(ValueError, match="bf16 table"):
+    cpu_kernels.take_rows(table.astype(jnp.float32), ids)
+  config, params = tiny_model("tiny_gemma3", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+  tokens, mask = padded_batch()
+  kw = dict(max_new_tokens=4, num_samples=2, eos_id=None)
+  whole = f"[{config.vocab_size},{config.embed_dim}]"
+
+  def program(**o):
+    return jax.jit(functools.partial(sampling.sample_fn, config, **kw, **o)).lower(
+        params, tokens, mask, jax.random.key(0)).compile().as_text()
+
+  converted = lambda hlo: [line for line in hlo.splitlines()  # noqa: E731
+                           if f"u16{whole}" in line and "parameter(" not in line]
+  fast = program()
+  assert fast.count(cpu_kernels.TAKE_ROWS_TARGET) >= 2 and not converted(fast)   # prefill, decode
+  assert converted(program(cpu_kernels=False))                        # the control: XLA's lookup
+  # The lookup is exact: the same kernels with XLA's lookup draw the same samples bit for bit.
+  run = lambda: jax.jit(functools.partial(sampling.sample_fn, config, **kw))(  # noqa: E731
+      params, tokens, mask, jax.random.key(1))
+  ours = run()
+  monkeypatch.setattr(backends.CpuKernels, "embed", gemma.Backend.embed)
+  assert not fast.count(cpu_kernels.TAKE_ROWS_TARGET) or converted(program())
+  theirs = run()
+  for x, y in ((ours.tokens, theirs.tokens), (ours.logprobs, theirs.logprobs)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_cpu_kernel_true_fails_clearly_where_it_cannot_run():
   config, params = tiny_model()                                  # f32: the kernel is bf16 only
   tokens, mask = padded_batch()

@@ -1,13 +1,15 @@
 """Backends for `gemma.Gemma`: how its matmuls and attention run, chosen by platform.
 
-The model calls one small interface, `gemma.Backend` (`dense`, `geglu`, `attention`, `logits`,
-and `prepare` for a backend's own copy of the weights); its default, `gemma.XLA`, is the plain
-XLA ops that define the model. Here:
+The model calls one small interface, `gemma.Backend` (`embed`, `dense`, `geglu`, `attention`,
+`logits`, and `prepare` for a backend's own copy of the weights); its default, `gemma.XLA`, is
+the plain XLA ops that define the model. Here:
 
   * `CpuKernels`: the AVX512-BF16 decode kernels of `bond.models.cpu_kernels`, for a bf16 model
     on one CPU device. `prepare` packs the matmul weights once, outside the decode loop, into the
-    `PACKED` collection; decode attention reads the bf16 KV cache in place. Constructing one
-    builds the kernels (once, cached on disk), so no model trace ever runs the compiler.
+    `PACKED` collection; decode attention reads the bf16 KV cache in place; a bf16 embedding's
+    token lookup copies the rows (XLA:CPU converts the whole table to gather from it).
+    Constructing one builds the kernels (once, cached on disk), so no model trace ever runs the
+    compiler.
   * `select(config, cpu_kernels)`: the backend of the sampler's decode loop. `CpuKernels` where
     the kernels can run, else `gemma.XLA` with one log line saying why.
 
@@ -46,6 +48,11 @@ class CpuKernels(gemma.Backend):
 
   def prepare(self, params: Any) -> dict[str, Any]:
     return {PACKED: pack_weights(params)}
+
+  def embed(self, embedding, tokens):
+    if embedding.dtype != jnp.bfloat16:
+      return super().embed(embedding, tokens)
+    return kernels.take_rows(embedding, tokens)
 
   def dense(self, module, name, equation, x, w, dtype):
     if not module.has_variable(PACKED, name):

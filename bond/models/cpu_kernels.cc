@@ -329,6 +329,26 @@ ffi::Error PackF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, bool trans
   return ffi::Error::Success();
 }
 
+// out [R, D] = rows ids [R] of the bf16 table [V, D] (ids clipped into [0, V)): the token
+// lookup. XLA:CPU has no bf16 gather and turns a bf16 table into a uint16 copy of all of it
+// (335 MB for Gemma 3's embedding) to gather a few rows.
+ffi::Error TakeRowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids,
+                        ffi::ResultBuffer<ffi::BF16> out) {
+  auto td = table.dimensions();
+  if (td.size() != 2 || td[0] < 1) {
+    return ffi::Error::InvalidArgument("bond_take_rows: want a table [V, D] with V >= 1");
+  }
+  const int64_t v = td[0], d = td[1], r = static_cast<int64_t>(ids.element_count());
+  const auto* tp = reinterpret_cast<const uint16_t*>(table.typed_data());
+  auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
+  const int32_t* ip = ids.typed_data();
+  for (int64_t i = 0; i < r; ++i) {
+    int64_t id = ip[i] < 0 ? 0 : (ip[i] >= v ? v - 1 : ip[i]);
+    std::memcpy(op + i * d, tp + id * d, static_cast<size_t>(d) * sizeof(uint16_t));
+  }
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Decode attention over a bf16 KV cache held as uint16 bits (bond.models.gemma.init_cache):
 // one query token per row, logits and softmax in f32, probabilities rounded to bf16 before
@@ -485,6 +505,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BondF32Pack, PackF32Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed")
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondTakeRows, TakeRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BondDecodeAttention, AttnImpl,

@@ -45,6 +45,7 @@ PACK_TARGET = "bond_bf16_pack"
 PACK_F32_TARGET = "bond_f32_pack"
 ATTENTION_TARGET = "bond_decode_attention"
 GEGLU_TARGET = "bond_bf16_geglu"
+TAKE_ROWS_TARGET = "bond_take_rows"
 COLS = 32            # output columns per packed block (cpu_kernels.cc: kCols)
 BUILD_FAILED = "the kernels did not build"
 _SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
@@ -97,7 +98,8 @@ def _build() -> str | None:
     for target, symbol in ((TARGET, lib.BondBf16Matmul), (PACK_TARGET, lib.BondBf16Pack),
                            (PACK_F32_TARGET, lib.BondF32Pack),
                            (ATTENTION_TARGET, lib.BondDecodeAttention),
-                           (GEGLU_TARGET, lib.BondBf16Geglu)):
+                           (GEGLU_TARGET, lib.BondBf16Geglu),
+                           (TAKE_ROWS_TARGET, lib.BondTakeRows)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except Exception as e:  # noqa: BLE001 -- any failure means: the kernels cannot run here
     return f"{BUILD_FAILED}: {e}"
@@ -213,6 +215,20 @@ def geglu(x: Array, packed: Array) -> Array:
   """bf16 [..., F] = gelu_tanh(x @ W_gate) * (x @ W_up), as `gemma.MLP` rounds it, W from
   `pack_geglu`: gate and up are rounded to bf16 first, the product once at the end."""
   return _call_packed(GEGLU_TARGET, x, packed, COLS // 2, jnp.bfloat16)
+
+
+def take_rows(table: Array, ids: Array) -> Array:
+  """`jnp.take(table, ids, axis=0)` for a bf16 table [V, D] and in-range ids -> [*ids, D].
+
+  Copies the rows; XLA:CPU's own lookup of a bf16 table first converts all of it (for Gemma 3's
+  [262144, 640] embedding, a 335 MB copy in every sampler call). Out-of-range ids are clipped.
+  """
+  if table.ndim != 2 or table.dtype != jnp.bfloat16:
+    raise ValueError(f"take_rows wants a bf16 table [V, D], got {table.dtype}{list(table.shape)}")
+  build()
+  out = jax.ffi.ffi_call(TAKE_ROWS_TARGET, jax.ShapeDtypeStruct((ids.size, table.shape[1]),
+                                                                jnp.bfloat16))
+  return out(table, ids.reshape(-1).astype(jnp.int32)).reshape(*ids.shape, table.shape[1])
 
 
 def decode_attention(q: Array, k_bits: Array, v_bits: Array, mask: Array,

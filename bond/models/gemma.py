@@ -263,7 +263,8 @@ def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | Arr
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-  """How the model runs its weight matmuls, GeGLU, attention and logits: plain XLA ops.
+  """How the model runs its token lookup, weight matmuls, GeGLU, attention and logits: plain XLA
+  ops.
 
   Subclasses override these with the same numerics (`bond.models.backends`). Weights are named by
   their module and param name, so a backend can use its own copy of them: `prepare` returns extra
@@ -300,6 +301,10 @@ class Backend:
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     pv = "BKGTS,BSKH->BTKGH" if cache is None else "BKGTS,BKHS->BTKGH"
     return _einsum(pv, probs, values, dtype).reshape(b, t, h, hd)
+
+  def embed(self, embedding: Array, tokens: Array) -> Array:
+    """Rows `tokens` [B, T] of the embedding table [V, D] -> [B, T, D], in the table's dtype."""
+    return _take_rows(embedding, tokens)
 
   def logits(self, module: nn.Module, x: Array, embedding: Array, dtype: Any) -> Array:
     """f32 logits [B, T, V] of x [B, T, D] against the tied embedding [V, D]."""
@@ -503,7 +508,7 @@ class Gemma(nn.Module):
     embedding = self.param("input_embedding", nn.with_logical_partitioning(
         _dense_init(), ("vocab", "embed")),
         (cfg.vocab_size, cfg.embed_dim), cfg.param_dtype)
-    x = _take_rows(embedding, tokens).astype(cfg.dtype)
+    x = self.backend.embed(embedding, tokens).astype(cfg.dtype)
     x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
