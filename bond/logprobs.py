@@ -68,9 +68,16 @@ def _scan_chunks(step, carry, embedding: Array, chunk_size: int):
   if full == 1:
     carry = step(carry, 0, embedding[:chunk_size])
   elif full:
+    # A bf16 table is sliced as its uint16 bits: XLA:CPU has no bf16 dynamic-slice, and converted
+    # the whole table to f32 (hoisted out of the loop: 671 MB for Gemma 3's) to slice it.
+    bits = embedding.dtype == jnp.bfloat16
+    table = jax.lax.bitcast_convert_type(embedding, jnp.uint16) if bits else embedding
+
     def body(carry, i):
       start = i * chunk_size
-      return step(carry, start, jax.lax.dynamic_slice_in_dim(embedding, start, chunk_size)), None
+      emb = jax.lax.dynamic_slice_in_dim(table, start, chunk_size)
+      emb = jax.lax.bitcast_convert_type(emb, jnp.bfloat16) if bits else emb
+      return step(carry, start, emb), None
     carry, _ = jax.lax.scan(body, carry, jnp.arange(full))
   if rest:
     start = full * chunk_size

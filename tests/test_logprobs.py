@@ -344,3 +344,31 @@ def test_training_step_and_evaluation_use_the_configured_chunk(monkeypatch):
     ev.load_or_draw_cache(exp.params, None)
   assert seen and set(seen) == {2}, seen          # chunk 0 never calls the chunked path
   np.testing.assert_allclose(losses[2], losses[0], rtol=1e-5)
+
+
+def test_a_bf16_table_is_streamed_without_an_f32_copy():
+  """The vocab chunks of a bf16 embedding (a LoRA base, a bf16 model) are sliced as their bits:
+  XLA:CPU has no bf16 dynamic-slice and converted the whole table to f32 outside the loop (671 MB
+  for Gemma 3's). The control: the same scan over the bf16 table itself makes that copy."""
+  vocab, dim, chunk = 4096, 64, 512
+  k = jax.random.split(jax.random.key(0), 2)
+  hidden = jax.random.normal(k[0], (12, dim))
+  table = jax.random.normal(k[1], (vocab, dim)).astype(jnp.bfloat16)
+  f32_table = f"f32[{vocab},{dim}]"
+
+  def compiled(fn):
+    return jax.jit(fn).lower(hidden, table).compile().as_text()
+
+  ours = lambda h, e: logprobs.chunked_logsumexp(h, e, None, jnp.bfloat16, chunk)  # noqa: E731
+  assert f32_table not in compiled(ours)
+
+  def plain(h, e):
+    def body(s, i):
+      emb = jax.lax.dynamic_slice_in_dim(e, i * chunk, chunk)
+      return s + jnp.einsum("ND,CD->N", h.astype(jnp.bfloat16), emb,
+                            preferred_element_type=jnp.float32), None
+    return jax.lax.scan(body, jnp.zeros(h.shape[0]), jnp.arange(vocab // chunk))[0]
+  assert f32_table in compiled(plain)
+  want = jax.nn.logsumexp(jnp.einsum("ND,VD->NV", hidden.astype(jnp.bfloat16), table,
+                                     preferred_element_type=jnp.float32), axis=-1)
+  np.testing.assert_allclose(jax.jit(ours)(hidden, table), want, rtol=1e-5, atol=1e-5)
