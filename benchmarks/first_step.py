@@ -33,7 +33,7 @@ import tempfile
 import time
 
 PROBE = """
-import numpy as np, resource, sys, time
+import numpy as np, sys, time
 t = time.perf_counter()
 a = np.ones(int(float(sys.argv[1]) * 2**28), np.float32)
 print(time.perf_counter() - t)
