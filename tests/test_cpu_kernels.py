@@ -156,8 +156,9 @@ def _attention_reference(q, k, v, mask, softcap):
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
-@pytest.mark.parametrize("r,kh,g,hd,s,softcap", [(5, 2, 3, 24, 37, 0.0), (4, 1, 4, 128, 143, 0.0),
-                                                 (3, 2, 8, 16, 16, 2.5), (2, 1, 9, 32, 5, 0.0)])
+@pytest.mark.parametrize("r,kh,g,hd,s,softcap", [   # query heads per key tile: 1, 4, 8, 1, 2
+    (5, 2, 3, 24, 37, 0.0), (4, 1, 4, 128, 143, 0.0), (3, 2, 8, 16, 16, 2.5), (2, 1, 9, 32, 5, 0.0),
+    (3, 2, 2, 20, 45, 0.0)])
 def test_decode_attention_matches_float64(r, kh, g, hd, s, softcap):
   rng = np.random.default_rng(r * s + g)
   q = _bf16(rng, (r, kh, g, hd), 0.3)
@@ -265,6 +266,69 @@ def test_token_lookup_copies_the_rows_of_a_bf16_table_without_converting_it(monk
   theirs = run()
   for x, y in ((ours.tokens, theirs.tokens), (ours.logprobs, theirs.logprobs)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _greedy_logits():
+  """Rows of f32 logits with the cases a greedy choice must get right, in several lengths."""
+  rng = np.random.default_rng(0)
+  rows = {}
+  for v in (1, 17, 64, 100, 16_387):
+    x = (3 * rng.normal(size=(9, v))).astype(np.float32)
+    if v > 1:
+      x[1, [v // 3, v - 1]] = x[1].max() + 1               # a tie: the first index wins
+      x[2] = 0.0                                           # all tied: index 0
+      x[3, :] = -np.inf
+      x[3, v - 1] = 2.0                                    # one finite entry, in the tail
+      x[4] = -np.inf                                       # nothing finite: token 0, NaN
+      x[5, v // 2] = np.inf                                # an infinite max: NaN, as XLA
+      x[6, 0] = x[6].max() + 1                             # the first entry
+    rows[v] = x
+  return rows
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+def test_greedy_kernel_picks_the_first_argmax_and_its_float64_log_softmax():
+  for v, x in _greedy_logits().items():
+    tokens, logprobs = jax.jit(cpu_kernels.greedy)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(tokens), np.argmax(x, -1), err_msg=f"V={v}")
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+      top = x64.max(-1, keepdims=True)
+      want = -np.log(np.exp(x64 - top).sum(-1))             # log softmax at the maximum
+    want[~np.isfinite(top[:, 0])] = np.nan
+    np.testing.assert_allclose(np.asarray(logprobs), want, rtol=2e-6, atol=2e-6, err_msg=f"V={v}")
+    # The XLA backend's choice (the sampler without the kernels) agrees, NaNs included.
+    xla_tokens, xla_logprobs = jax.jit(gemma.XLA.greedy)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(xla_tokens))
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(xla_logprobs), rtol=2e-6,
+                               atol=2e-6)
+  x = np.zeros((3, 40), np.float32)
+  x[1, 5] = np.nan                                         # a NaN propagates to the log-prob
+  assert np.isnan(np.asarray(cpu_kernels.greedy(jnp.asarray(x))[1])).tolist() == [False, True,
+                                                                                    False]
+  with pytest.raises(ValueError, match="f32 logits"):
+    cpu_kernels.greedy(jnp.zeros((2, 3), jnp.bfloat16))
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+def test_greedy_sampling_with_the_kernels_takes_the_argmax_and_the_models_logprob():
+  """The kernels' sampler chooses greedily in one kernel call per step (`bond_greedy`), and picks
+  the tokens the XLA sampler picks, with the log-probs of the model's teacher-forced pass."""
+  config, params = _seam_model("tiny_gemma2", jnp.float32)   # final soft-cap applied first
+  tokens, mask = padded_batch()
+  kw = dict(max_new_tokens=6, num_samples=1, temperature=0.0, eos_id=None)
+  program = lambda kernels: jax.jit(functools.partial(  # noqa: E731
+      sampling.sample_fn, config, cpu_kernels=kernels, **kw)).lower(
+          params, tokens, mask, jax.random.key(0)).compile().as_text()
+  assert cpu_kernels.GREEDY_TARGET in program(True)
+  assert cpu_kernels.GREEDY_TARGET not in program(False)
+  fast, plain = (sampling.sample(config, params, tokens, mask, jax.random.key(0), cpu_kernels=k,
+                                 **kw) for k in (True, False))
+  np.testing.assert_array_equal(np.asarray(fast.tokens), np.asarray(plain.tokens))
+  np.testing.assert_array_equal(np.asarray(fast.sample_logprobs), 0.0)
+  trained = teacher_forced_logprobs(config, params, tokens, mask, fast)
+  np.testing.assert_allclose(np.asarray(fast.logprobs), trained, atol=0.08)
+  np.testing.assert_allclose(np.asarray(fast.logprobs), np.asarray(plain.logprobs), atol=0.08)
 
 
 def test_cpu_kernel_true_fails_clearly_where_it_cannot_run():

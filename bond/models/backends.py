@@ -1,7 +1,8 @@
 """Backends for `gemma.Gemma`: how its matmuls and attention run, chosen by platform.
 
 The model calls one small interface, `gemma.Backend` (`embed`, `dense`, `geglu`, `attention`,
-`logits`, and `prepare` for a backend's own copy of the weights); its default, `gemma.XLA`, is
+`logits`, `prepare` for a backend's own copy of the weights, and `greedy`, the sampler's greedy
+choice over the logits); its default, `gemma.XLA`, is
 the plain XLA ops that define the model. Here:
 
   * `CpuKernels`: the AVX512-BF16 decode kernels of `bond.models.cpu_kernels`, for a bf16 model
@@ -81,6 +82,9 @@ class CpuKernels(gemma.Backend):
     if not module.has_variable(PACKED, "input_embedding"):
       return super().logits(module, x, embedding, dtype)
     return kernels.matmul(x, module.get_variable(PACKED, "input_embedding"))
+
+  def greedy(self, logits):
+    return kernels.greedy(logits)
 
 
 # Matmul weights of a layer, as (module, param, number of leading contracted dims).

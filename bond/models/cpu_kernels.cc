@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <vector>
+#include <algorithm>
 #include <cmath>
 
 #include "xla/ffi/api/ffi.h"
@@ -358,7 +359,7 @@ constexpr float kMask = -2.3819763e38f;   // gemma.K_MASK
 
 // Element j = the sum of a[j]'s 16 lanes: a transpose-and-add tree, 15 adds and 31 shuffles
 // for 16 sums (one _mm512_reduce_add_ps costs about as much as 8 of them).
-inline __m512 Reduce16(const __m512* a) {
+__attribute__((always_inline)) inline __m512 Reduce16(const __m512* a) {
   __m512 b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i) {   // 256-bit halves: b[i] = (a[2i] partials, a[2i+1] partials)
     b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
@@ -387,71 +388,96 @@ inline __mmask16 Prefix16(int64_t n) {
   return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// Element j < count: x . rows[j] over n bf16 values (products exact, f32 sums); 0 for j >= count.
-inline __m512 Dot16(const uint16_t* x, const uint16_t* rows, int64_t stride, int64_t count,
-                    int64_t n) {
-  __m512 acc[16];
-  const uint16_t* row[16];
-  for (int j = 0; j < 16; ++j) {
-    acc[j] = _mm512_setzero_ps();
-    row[j] = rows + (j < count ? j : 0) * stride;
-  }
-  for (int64_t i = 0; i < n; i += 32) {
-    __mmask32 valid = Prefix32(n - i);
-    __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(valid, x + i);
-    for (int j = 0; j < 16; ++j) {
-      acc[j] = _mm512_dpbf16_ps(acc[j], xv, (__m512bh)_mm512_maskz_loadu_epi16(valid, row[j] + i));
-    }
-  }
-  return _mm512_maskz_mov_ps(Prefix16(count), Reduce16(acc));
+// Element j < 16 of the result: the dot over n bf16 values of a[j / C] with b[j % C], where
+// a[i] = a0 + i * astride (i < 16 / C) and b[c] = b0 + c * bstride (c < C, columns at or past
+// `count` read column 0 instead, their results unused): 16 dot products sharing 16 / C + C loads
+// per 32 values, so that G query heads read each key (and each value row) once, not G times.
+// Asks for the cache lines of [p, p + bytes) ahead of their use.
+inline void Prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+  _mm_prefetch(c + bytes - 1, _MM_HINT_T0);
 }
 
-// One (row, kv head): q [G, Hd] bf16, keys at k + s * kstride [Hd], values v [Hd, S].
+template <int C>
+__attribute__((always_inline)) inline __m512 DotTile(const uint16_t* a0, int64_t astride, const uint16_t* b0, int64_t bstride,
+                      int64_t count, int64_t n) {
+  constexpr int A = 16 / C;
+  __m512 acc[16];
+  const uint16_t* b[C];
+  for (int c = 0; c < C; ++c) b[c] = b0 + (c < count ? c : 0) * bstride;
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 32) {
+    __mmask32 valid = Prefix32(n - i);
+    __m512bh bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = (__m512bh)_mm512_maskz_loadu_epi16(valid, b[c] + i);
+    for (int r = 0; r < A; ++r) {
+      __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(valid, a0 + r * astride + i);
+      for (int c = 0; c < C; ++c) acc[r * C + c] = _mm512_dpbf16_ps(acc[r * C + c], av, bv[c]);
+    }
+  }
+  return Reduce16(acc);
+}
+
+// One (row, kv head) for GT query heads at a time (GT divides G; 16 / GT keys or value rows per
+// tile): q [G, Hd] bf16, keys at k + s * kstride [Hd], values v [Hd, S].
+template <int GT>
 void AttendOne(const uint16_t* q, const uint16_t* k, int64_t kstride, const uint16_t* v,
                const bool* mask, float softcap, int64_t g_count, int64_t hd, int64_t s_len,
                float* out, float* scratch) {
+  constexpr int C = 16 / GT;          // keys (then value rows) per tile
   int64_t s16 = (s_len + 15) / 16 * 16, s32 = (s_len + 31) / 32 * 32;
   float* p = scratch;                                           // [G, s16] f32
   auto* pb = reinterpret_cast<uint16_t*>(scratch + g_count * s16);   // [G, s32] bf16 bits
   bool any = false;
   for (int64_t s = 0; s < s_len; ++s) any |= mask[s];
-  for (int64_t g = 0; g < g_count; ++g) {
-    float* pg = p + g * s16;
-    for (int64_t s0 = 0; s0 < s_len; s0 += 16) {
-      int64_t count = s_len - s0 < 16 ? s_len - s0 : 16;
-      __m512 logits = Dot16(q + g * hd, k + s0 * kstride, kstride, count, hd);
-      if (softcap > 0) {
-        alignas(64) float l[16];
-        _mm512_store_ps(l, logits);
-        for (int j = 0; j < 16; ++j) l[j] = std::tanh(l[j] / softcap) * softcap;
-        logits = _mm512_load_ps(l);
+  for (int64_t g0 = 0; g0 < g_count; g0 += GT) {
+    alignas(64) float l[16];
+    for (int64_t s0 = 0; s0 < s_len; s0 += C) {
+      int64_t count = s_len - s0 < C ? s_len - s0 : C;
+      // The cache streams from memory (a step's weights evict it): fetch two tiles ahead.
+      for (int64_t s = s0 + 2 * C; s < s0 + 3 * C && s < s_len; ++s) {
+        Prefetch(k + s * kstride, hd * 2);
       }
-      __m128i m8 = _mm_maskz_loadu_epi8(Prefix16(count), mask + s0);
-      __mmask16 visible = _mm_test_epi8_mask(m8, m8);
-      _mm512_storeu_ps(pg + s0, _mm512_mask_mov_ps(_mm512_set1_ps(kMask), visible, logits));
+      _mm512_store_ps(l, DotTile<C>(q + g0 * hd, hd, k + s0 * kstride, kstride, count, hd));
+      for (int gi = 0; gi < GT; ++gi) {
+        for (int c = 0; c < count; ++c) {
+          float x = l[gi * C + c];
+          if (softcap > 0) x = std::tanh(x / softcap) * softcap;
+          p[(g0 + gi) * s16 + s0 + c] = mask[s0 + c] ? x : kMask;
+        }
+      }
     }
-    float top = kMask;
-    for (int64_t s = 0; s < s_len; ++s) top = pg[s] > top ? pg[s] : top;
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t s0 = 0; s0 < s16; s0 += 16) {
-      __m512 l = _mm512_loadu_ps(pg + s0);
-      __mmask16 keep = Prefix16(s_len - s0);
-      if (any) keep &= _mm512_cmp_ps_mask(l, _mm512_set1_ps(kMask), _CMP_NEQ_OQ);
-      __m512 e = _mm512_maskz_mov_ps(keep, Exp(_mm512_sub_ps(l, _mm512_set1_ps(top))));
-      _mm512_storeu_ps(pg + s0, e);
-      total = _mm512_add_ps(total, e);
+    for (int64_t h = 0; h < 2 * C && h < hd; ++h) Prefetch(v + h * s_len, s_len * 2);
+    for (int64_t g = g0; g < g0 + GT; ++g) {
+      float* pg = p + g * s16;
+      for (int64_t s = s_len; s < s16; ++s) pg[s] = kMask;
+      float top = kMask;
+      for (int64_t s = 0; s < s_len; ++s) top = pg[s] > top ? pg[s] : top;
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t s0 = 0; s0 < s16; s0 += 16) {
+        __m512 x = _mm512_loadu_ps(pg + s0);
+        __mmask16 keep = Prefix16(s_len - s0);
+        if (any) keep &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(kMask), _CMP_NEQ_OQ);
+        __m512 e = _mm512_maskz_mov_ps(keep, Exp(_mm512_sub_ps(x, _mm512_set1_ps(top))));
+        _mm512_storeu_ps(pg + s0, e);
+        total = _mm512_add_ps(total, e);
+      }
+      __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+      uint16_t* pbg = pb + g * s32;
+      for (int64_t s0 = 0; s0 < s32; s0 += 16) {
+        __m512 e = s0 < s16 ? _mm512_loadu_ps(pg + s0) : _mm512_setzero_ps();
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pbg + s0),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(e, inv)));
+      }
     }
-    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-    uint16_t* pbg = pb + g * s32;
-    for (int64_t s0 = 0; s0 < s32; s0 += 16) {
-      __m512 e = s0 < s16 ? _mm512_loadu_ps(pg + s0) : _mm512_setzero_ps();
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pbg + s0),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(e, inv)));
-    }
-    for (int64_t h0 = 0; h0 < hd; h0 += 16) {
-      int64_t count = hd - h0 < 16 ? hd - h0 : 16;
-      _mm512_mask_storeu_ps(out + g * hd + h0, Prefix16(count),
-                            Dot16(pbg, v + h0 * s_len, s_len, count, s_len));
+    for (int64_t h0 = 0; h0 < hd; h0 += C) {
+      int64_t count = hd - h0 < C ? hd - h0 : C;
+      for (int64_t h = h0 + 2 * C; h < h0 + 3 * C && h < hd; ++h) Prefetch(v + h * s_len, s_len * 2);
+      _mm512_store_ps(l, DotTile<C>(pb + g0 * s32, s32, v + h0 * s_len, s_len, count, s_len));
+      for (int gi = 0; gi < GT; ++gi) {
+        for (int c = 0; c < count; ++c) out[(g0 + gi) * hd + h0 + c] = l[gi * C + c];
+      }
     }
   }
 }
@@ -477,11 +503,88 @@ ffi::Error AttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
   int64_t scratch = g * ((s_len + 15) / 16 * 16 + (s_len + 31) / 32 * 16);   // floats
   RunParallel(pool, r * kh, [=](int64_t task) {
     int64_t row = task / kh, head = task % kh;
-    std::vector<float> buf(scratch);
-    AttendOne(qp + task * g * hd, kp + (row * s_len * kh + head) * hd, kh * hd,
-              vp + task * hd * s_len, mp + row * s_len, softcap, g, hd, s_len,
-              op + task * g * hd, buf.data());
+    thread_local std::vector<float> buf;
+    if (buf.size() < static_cast<size_t>(scratch)) buf.resize(scratch);
+    auto attend = g % 8 == 0 ? AttendOne<8> : g % 4 == 0 ? AttendOne<4>
+                : g % 2 == 0 ? AttendOne<2> : AttendOne<1>;
+    attend(qp + task * g * hd, kp + (row * s_len * kh + head) * hd, kh * hd,
+           vp + task * hd * s_len, mp + row * s_len, softcap, g, hd, s_len,
+           op + task * g * hd, buf.data());
   });
+  return ffi::Error::Success();
+}
+
+// Greedy decoding's choice in one kernel: for each row of f32 logits [R, V], the first index of
+// its maximum and log softmax there, -log(sum exp(x - max)). Two passes over a row (the second
+// from cache) where XLA runs a max, a select, a min and an exp-sum over the whole [R, V].
+void GreedyRow(const float* x, int64_t v, int32_t* token, float* logprob) {
+  constexpr int kChains = 4;                   // independent (max, index) pairs per lane
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  __m512 best[kChains];
+  __m512i at[kChains], idx[kChains];
+  for (int c = 0; c < kChains; ++c) {
+    best[c] = neg_inf;
+    at[c] = _mm512_setzero_si512();
+    idx[c] = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                                15), _mm512_set1_epi32(16 * c));
+  }
+  const __m512i stride = _mm512_set1_epi32(16 * kChains);
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 * kChains <= v; i += 16 * kChains) {
+    for (int c = 0; c < kChains; ++c) {   // strict >: each lane keeps its first maximum
+      __m512 a = _mm512_loadu_ps(x + i + 16 * c);
+      nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+      __mmask16 gt = _mm512_cmp_ps_mask(a, best[c], _CMP_GT_OQ);
+      best[c] = _mm512_mask_mov_ps(best[c], gt, a);
+      at[c] = _mm512_mask_mov_epi32(at[c], gt, idx[c]);
+      idx[c] = _mm512_add_epi32(idx[c], stride);
+    }
+  }
+  for (int c = 0; i < v; i += 16, c = (c + 1) % kChains) {   // the tail, 16 at a time
+    __m512 a = _mm512_mask_loadu_ps(neg_inf, Prefix16(v - i), x + i);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    __m512i id = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                    14, 15), _mm512_set1_epi32(i));
+    __mmask16 gt = _mm512_cmp_ps_mask(a, best[c], _CMP_GT_OQ);
+    best[c] = _mm512_mask_mov_ps(best[c], gt, a);
+    at[c] = _mm512_mask_mov_epi32(at[c], gt, id);
+  }
+  float top = -INFINITY;
+  for (int c = 0; c < kChains; ++c) top = std::max(top, _mm512_reduce_max_ps(best[c]));
+  int32_t first = static_cast<int32_t>(v - 1);
+  for (int c = 0; c < kChains; ++c) {
+    __mmask16 hit = _mm512_cmp_ps_mask(best[c], _mm512_set1_ps(top), _CMP_EQ_OQ);
+    if (hit) first = std::min(first, _mm512_mask_reduce_min_epi32(hit, at[c]));
+  }
+  __m512 shift = _mm512_set1_ps(top);
+  __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (i = 0; i + 32 <= v; i += 32) {
+    sum[0] = _mm512_add_ps(sum[0], Exp(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift)));
+    sum[1] = _mm512_add_ps(sum[1], Exp(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), shift)));
+  }
+  for (; i < v; i += 16) {
+    __mmask16 valid = Prefix16(v - i);
+    sum[0] = _mm512_add_ps(sum[0], _mm512_maskz_mov_ps(
+        valid, Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, x + i), shift))));
+  }
+  *token = top == -INFINITY ? 0 : first;
+  // A row with a NaN or an infinite maximum: NaN, as XLA's x - logsumexp(x) gives there.
+  *logprob = nan || std::isinf(top)
+                 ? NAN : -std::log(_mm512_reduce_add_ps(_mm512_add_ps(sum[0], sum[1])));
+}
+
+ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                      ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> logprobs) {
+  auto d = logits.dimensions();
+  if (d.size() != 2 || d[1] < 1) {
+    return ffi::Error::InvalidArgument("bond_greedy: want f32 logits [R, V] with V >= 1");
+  }
+  const int64_t v = d[1];
+  const float* x = logits.typed_data();
+  int32_t* t = tokens->typed_data();
+  float* lp = logprobs->typed_data();
+  RunParallel(pool, d[0], [=](int64_t r) { GreedyRow(x + r * v, v, t + r, lp + r); });
   return ffi::Error::Success();
 }
 
@@ -506,6 +609,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BondF32Pack, PackF32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed")
                                   .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondGreedy, GreedyImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BondTakeRows, TakeRowsImpl,
                               ffi::Ffi::Bind()

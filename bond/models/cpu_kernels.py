@@ -46,6 +46,7 @@ PACK_F32_TARGET = "bond_f32_pack"
 ATTENTION_TARGET = "bond_decode_attention"
 GEGLU_TARGET = "bond_bf16_geglu"
 TAKE_ROWS_TARGET = "bond_take_rows"
+GREEDY_TARGET = "bond_greedy"
 COLS = 32            # output columns per packed block (cpu_kernels.cc: kCols)
 BUILD_FAILED = "the kernels did not build"
 _SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
@@ -99,7 +100,8 @@ def _build() -> str | None:
                            (PACK_F32_TARGET, lib.BondF32Pack),
                            (ATTENTION_TARGET, lib.BondDecodeAttention),
                            (GEGLU_TARGET, lib.BondBf16Geglu),
-                           (TAKE_ROWS_TARGET, lib.BondTakeRows)):
+                           (TAKE_ROWS_TARGET, lib.BondTakeRows),
+                           (GREEDY_TARGET, lib.BondGreedy)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except Exception as e:  # noqa: BLE001 -- any failure means: the kernels cannot run here
     return f"{BUILD_FAILED}: {e}"
@@ -229,6 +231,22 @@ def take_rows(table: Array, ids: Array) -> Array:
   out = jax.ffi.ffi_call(TAKE_ROWS_TARGET, jax.ShapeDtypeStruct((ids.size, table.shape[1]),
                                                                 jnp.bfloat16))
   return out(table, ids.reshape(-1).astype(jnp.int32)).reshape(*ids.shape, table.shape[1])
+
+
+def greedy(logits: Array) -> tuple[Array, Array]:
+  """Greedy decoding's choice over f32 logits [R, V]: (the first argmax [R] int32, the log
+  softmax at it [R] f32), as `argmax` then `log_softmax(logits)[argmax]`, in one kernel.
+
+  XLA:CPU runs the same as four passes over [R, V] (a max, a select, a min and an exp-sum),
+  0.6 ms a decode step at 64 rows x 16,384 (benchmarks/RESULTS.md, session 17).
+  """
+  if logits.ndim != 2 or logits.dtype != jnp.float32:
+    raise ValueError(f"greedy wants f32 logits [R, V], got {logits.dtype}{list(logits.shape)}")
+  build()
+  r = logits.shape[0]
+  call = jax.ffi.ffi_call(GREEDY_TARGET, (jax.ShapeDtypeStruct((r,), jnp.int32),
+                                          jax.ShapeDtypeStruct((r,), jnp.float32)))
+  return tuple(call(logits))
 
 
 def decode_attention(q: Array, k_bits: Array, v_bits: Array, mask: Array,

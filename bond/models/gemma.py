@@ -312,8 +312,27 @@ class Backend:
     return jnp.einsum("BTD,VD->BTV", x, embedding.astype(dtype),
                       preferred_element_type=jnp.float32)
 
+  def greedy(self, logits: Array) -> tuple[Array, Array]:
+    """Greedy decoding's choice over f32 logits [R, V]: (the first argmax [R] int32, the log
+    softmax there [R] f32)."""
+    tokens = first_argmax(logits)
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return tokens, picked - jax.nn.logsumexp(logits, axis=-1)
+
 
 XLA = Backend()
+
+
+def first_argmax(logits: Array) -> Array:
+  """`argmax(logits [..., V], -1)` as int32 (the first maximum), from two plain reductions.
+
+  XLA:CPU runs argmax as a scalar (value, index) reduction: 2.4 ms at [64, 16384], against
+  0.5 ms for a max and a min over the indices that reach it (vectorised).
+  """
+  v = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)        # NaN rows: unspecified (XLA:CPU's max skips NaNs)
 
 
 class Attention(nn.Module):
