@@ -1,6 +1,7 @@
 // Decode-loop kernels for x86 CPUs with AVX512-BF16, called from JAX through the XLA FFI (see
 // cpu_kernels.py): a bf16 matmul over pre-packed weights, the same matmul with a GeGLU epilogue,
-// the packing (from bf16 or, rounding on the way, f32 weights), and decode attention.
+// the packing (from bf16 or, rounding on the way, f32 weights), decode attention, the token
+// lookup of a bf16 table and greedy decoding's choice over the logits.
 //
 //   y[M, N] (f32) = x[M, K] (bf16) @ W[K, N] (bf16), with W pre-packed as [N/32, K/2, 32, 2]:
 //   for each block of 32 output columns, the K rows come as k-pairs, each pair one contiguous 128

@@ -12,8 +12,11 @@ the weights stream from memory. XLA:CPU's dots reach about half the machine's ba
     weights it also rounds them to bf16 in the same pass, and `pack_transposed` packs the
     tied embedding [V, D] as the logits' [D, V] weight without materialising its transpose;
   * `decode_attention`: one query token per row over the bf16 KV cache read in place as its
-    uint16 bits. XLA:CPU materialises a bf16 copy of the cache for its attention dots and runs
-    them as many tiny batched products.
+    uint16 bits, the query heads that share a key head together (each key and value read once)
+    and the cache prefetched ahead (a step's weights evict it). XLA:CPU materialises a bf16 copy
+    of the cache for its attention dots and runs them as many tiny batched products;
+  * `take_rows`: the token lookup of a bf16 table, without XLA's converted copy of all of it;
+  * `greedy`: greedy decoding's argmax and its log-prob in one pass (XLA runs four).
 
 Used only where it is correct and useful: on a single-device CPU backend whose CPU has
 avx512_bf16, for a bf16 model, in the sampler's decode loop, through the `CpuKernels` backend
