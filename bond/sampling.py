@@ -111,12 +111,6 @@ def _categorical(u: Array, logits: Array, block: int = 128) -> tuple[Array, Arra
   return tokens, picked - top - jnp.log(jnp.sum(mass, axis=-1))
 
 
-def _token_logprob(logits: Array, tokens: Array) -> Array:
-  """log softmax(logits [R, V])[tokens [R]] in f32, without materialising the [R, V] log-probs."""
-  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
 def prompt_keys(rng: Array, batch_size: int) -> Array:
   """Typed PRNG keys [B], one per prompt: `rng` itself if it is [B] keys, else fold_in(rng, b)."""
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -244,7 +238,7 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
       u = jax.lax.dynamic_index_in_dim(uniforms, i, keepdims=False)           # [R, 2]
       new, sample_lp = _categorical(u, process_logits(logits, temperature, top_k, top_p))
       # Unprocessed sampling (temperature 1, no top-k/top-p) already has the model's log-probs.
-      logprob = sample_lp if unprocessed else _token_logprob(logits, new)
+      logprob = sample_lp if unprocessed else gemma.token_logprob(logits, new)
     live = ~done
     new = jnp.where(live, new, config.pad_id)
     column = {"tokens": new, "mask": live,

@@ -2,8 +2,8 @@
 
 The model calls one small interface, `gemma.Backend` (`embed`, `dense`, `geglu`, `attention`,
 `logits`, `prepare` for a backend's own copy of the weights, and `greedy`, the sampler's greedy
-choice over the logits); its default, `gemma.XLA`, is
-the plain XLA ops that define the model. Here:
+choice over the logits); its default, `gemma.XLA`, is the plain XLA ops that define the model.
+Here:
 
   * `CpuKernels`: the AVX512-BF16 decode kernels of `bond.models.cpu_kernels`, for a bf16 model
     on one CPU device. `prepare` packs the matmul weights once, outside the decode loop, into the

@@ -10,14 +10,14 @@
 #include <immintrin.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <vector>
-#include <algorithm>
-#include <cmath>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -389,10 +389,6 @@ inline __mmask16 Prefix16(int64_t n) {
   return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// Element j < 16 of the result: the dot over n bf16 values of a[j / C] with b[j % C], where
-// a[i] = a0 + i * astride (i < 16 / C) and b[c] = b0 + c * bstride (c < C, columns at or past
-// `count` read column 0 instead, their results unused): 16 dot products sharing 16 / C + C loads
-// per 32 values, so that G query heads read each key (and each value row) once, not G times.
 // Asks for the cache lines of [p, p + bytes) ahead of their use.
 inline void Prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
@@ -400,9 +396,15 @@ inline void Prefetch(const void* p, int64_t bytes) {
   _mm_prefetch(c + bytes - 1, _MM_HINT_T0);
 }
 
+// Element j < 16 of the result: the dot over n bf16 values of a[j / C] with b[j % C], where
+// a[i] = a0 + i * astride (i < 16 / C) and b[c] = b0 + c * bstride (c < C, columns at or past
+// `count` read column 0 instead, their results unused): 16 dot products sharing 16 / C + C loads
+// per 32 values, so that G query heads read each key (and each value row) once, not G times.
+// Inlined, so that the 16 accumulators stay in registers (not inlined, GCC spilled them).
 template <int C>
-__attribute__((always_inline)) inline __m512 DotTile(const uint16_t* a0, int64_t astride, const uint16_t* b0, int64_t bstride,
-                      int64_t count, int64_t n) {
+__attribute__((always_inline)) inline __m512 DotTile(const uint16_t* a0, int64_t astride,
+                                                     const uint16_t* b0, int64_t bstride,
+                                                     int64_t count, int64_t n) {
   constexpr int A = 16 / C;
   __m512 acc[16];
   const uint16_t* b[C];
@@ -474,7 +476,9 @@ void AttendOne(const uint16_t* q, const uint16_t* k, int64_t kstride, const uint
     }
     for (int64_t h0 = 0; h0 < hd; h0 += C) {
       int64_t count = hd - h0 < C ? hd - h0 : C;
-      for (int64_t h = h0 + 2 * C; h < h0 + 3 * C && h < hd; ++h) Prefetch(v + h * s_len, s_len * 2);
+      for (int64_t h = h0 + 2 * C; h < h0 + 3 * C && h < hd; ++h) {
+        Prefetch(v + h * s_len, s_len * 2);
+      }
       _mm512_store_ps(l, DotTile<C>(pb + g0 * s32, s32, v + h0 * s_len, s_len, count, s_len));
       for (int gi = 0; gi < GT; ++gi) {
         for (int c = 0; c < count; ++c) out[(g0 + gi) * hd + h0 + c] = l[gi * C + c];
@@ -521,13 +525,13 @@ ffi::Error AttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
 void GreedyRow(const float* x, int64_t v, int32_t* token, float* logprob) {
   constexpr int kChains = 4;                   // independent (max, index) pairs per lane
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 best[kChains];
   __m512i at[kChains], idx[kChains];
   for (int c = 0; c < kChains; ++c) {
     best[c] = neg_inf;
     at[c] = _mm512_setzero_si512();
-    idx[c] = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
-                                                15), _mm512_set1_epi32(16 * c));
+    idx[c] = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * c));
   }
   const __m512i stride = _mm512_set1_epi32(16 * kChains);
   __mmask16 nan = 0;
@@ -545,8 +549,7 @@ void GreedyRow(const float* x, int64_t v, int32_t* token, float* logprob) {
   for (int c = 0; i < v; i += 16, c = (c + 1) % kChains) {   // the tail, 16 at a time
     __m512 a = _mm512_mask_loadu_ps(neg_inf, Prefix16(v - i), x + i);
     nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-    __m512i id = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                    14, 15), _mm512_set1_epi32(i));
+    __m512i id = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(i)));
     __mmask16 gt = _mm512_cmp_ps_mask(a, best[c], _CMP_GT_OQ);
     best[c] = _mm512_mask_mov_ps(best[c], gt, a);
     at[c] = _mm512_mask_mov_epi32(at[c], gt, id);

@@ -316,8 +316,7 @@ class Backend:
     """Greedy decoding's choice over f32 logits [R, V]: (the first argmax [R] int32, the log
     softmax there [R] f32)."""
     tokens = first_argmax(logits)
-    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    return tokens, picked - jax.nn.logsumexp(logits, axis=-1)
+    return tokens, token_logprob(logits, tokens)
 
 
 XLA = Backend()
@@ -333,6 +332,12 @@ def first_argmax(logits: Array) -> Array:
   top = jnp.max(logits, axis=-1, keepdims=True)
   first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
   return jnp.minimum(first, v - 1)        # NaN rows: unspecified (XLA:CPU's max skips NaNs)
+
+
+def token_logprob(logits: Array, tokens: Array) -> Array:
+  """log softmax(logits [R, V])[tokens [R]] in f32, without materialising the [R, V] log-probs."""
+  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 class Attention(nn.Module):
