@@ -111,6 +111,29 @@ def test_matmul_matches_float64(m, k, n):
   np.testing.assert_array_equal(np.asarray(got3)[0], np.asarray(got))
 
 
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+def test_matmul_writes_bf16_rounded_as_xla_converts():
+  # The bf16 output is the kernel's own f32 result rounded as XLA's convert rounds it, to nearest
+  # even: random rows, and a row of exact ties (1.0078125 * 1.5 = 1.51171875, halfway between
+  # two bf16 values; truncation or rounding half up would miss them).
+  rng = np.random.default_rng(0)
+  x = np.asarray(_bf16(rng, (6, 64)), np.float32)
+  x[2] = 0.0
+  x[2, 0] = 1.0 + 2.0 ** -7
+  w = np.asarray(_bf16(rng, (64, 96)), np.float32)
+  w[0, :32] = 1.5
+  x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  packed = cpu_kernels.pack(w)
+  f32 = jax.jit(cpu_kernels.matmul)(x, packed)
+  got = jax.jit(functools.partial(cpu_kernels.matmul, dtype=jnp.bfloat16))(x, packed)
+  want = f32.astype(jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16 and got.shape == (6, 96)
+  assert np.all(np.asarray(f32)[2, :32] == 1.51171875)
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+  with pytest.raises(ValueError, match="float32 or bfloat16"):
+    cpu_kernels.matmul(x, packed, jnp.float16)
+
+
 def _gelu_tanh(x):
   return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
@@ -188,6 +211,61 @@ def test_decode_attention_rejects_bad_shapes():
   with pytest.raises(ValueError, match="uint16 bits"):
     cpu_kernels.decode_attention(z((2, 1, 4, 16)), z((2, 8, 1, 16)), z((2, 1, 16, 8)),
                                  z((2, 8), bool))
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+@pytest.mark.parametrize("r,kh,g,hd,s,index,softcap", [
+    (5, 2, 3, 24, 37, 10, 0.0), (3, 2, 8, 16, 16, 15, 2.5), (2, 1, 4, 128, 20, 25, 0.0),
+    (3, 1, 1, 8, 9, 0, 0.0)])   # index 25 >= S: clamped to the last slot, as XLA's write does
+def test_decode_attention_update_is_the_xla_backends_attention_step(r, kh, g, hd, s, index,
+                                                                     softcap):
+  # One decode step of `gemma.Backend.attention` on a bf16 cache: the kernel's cache after the
+  # write must be the XLA backend's bit for bit (the key rotated as XLA:CPU rounds it), and its
+  # output the float64 attention of XLA's rotated, scaled query over that cache.
+  rng = np.random.default_rng(r * s + g + index)
+  q, key, value = _bf16(rng, (r, 1, kh * g, hd)), _bf16(rng, (r, 1, kh, hd)), _bf16(rng, (r, 1, kh, hd))
+  pos = jnp.asarray(rng.integers(0, 3000, (r, 1)), jnp.int32)
+  rope = gemma.rope_table(pos, gemma.rope_inv_freq(hd, 10_000.0, 1.0), jnp.bfloat16)
+  cache = {"k": jax.lax.bitcast_convert_type(_bf16(rng, (r, s, kh, hd)), jnp.uint16),
+           "v": jax.lax.bitcast_convert_type(_bf16(rng, (r, kh, hd, s)), jnp.uint16)}
+  mask = rng.random((r, 1, s)) < 0.7
+  mask[0] = False                                         # a fully masked row: uniform weights
+  scale = hd ** -0.5
+  k_pos, k_valid = jnp.zeros((r, s), jnp.int32), jnp.ones((r, s), bool)
+
+  def xla(q, key, value, rope, cache):
+    ctx = gemma.KVContext(k_pos, k_valid, cache, jnp.int32(index))
+    out, new = gemma.XLA.attention(q, key, value, rope, scale, ctx, jnp.asarray(mask), softcap,
+                                   jnp.bfloat16)
+    return out, new, gemma.rotate(q, *rope) * jnp.asarray(scale, jnp.bfloat16)
+
+  _, want_cache, q_rot = jax.jit(xla)(q, key, value, rope, cache)
+  got, k_bits, v_bits = jax.jit(cpu_kernels.decode_attention_update, static_argnums=(5, 10))(
+      q.reshape(r, kh, g, hd), key[:, 0], value[:, 0], rope[0][:, 0], rope[1][:, 0], scale,
+      cache["k"], cache["v"], jnp.int32(index), jnp.asarray(mask[:, 0]), softcap)
+  np.testing.assert_array_equal(np.asarray(k_bits), np.asarray(want_cache["k"]))
+  np.testing.assert_array_equal(np.asarray(v_bits), np.asarray(want_cache["v"]))
+  assert got.dtype == jnp.bfloat16 and got.shape == (r, kh, g, hd)
+  unbits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.bfloat16), np.float64)  # noqa: E731
+  want = _attention_reference(np.asarray(q_rot, np.float64).reshape(r, kh, g, hd),
+                              unbits(want_cache["k"]), unbits(want_cache["v"]), mask[:, 0], softcap)
+  # As in test_decode_attention_matches_float64, plus the output's rounding to bf16.
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2.0 ** -8, atol=1e-3)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+def test_decode_attention_update_rejects_bad_shapes():
+  z = jnp.zeros
+  args = dict(q=z((2, 1, 4, 16)), key=z((2, 1, 16)), value=z((2, 1, 16)), cos=z((2, 8)),
+              sin=z((2, 8)), query_scale=0.25, k_bits=z((2, 8, 1, 16), jnp.uint16),
+              v_bits=z((2, 1, 16, 8), jnp.uint16), index=0, mask=z((2, 8), bool))
+  cpu_kernels.decode_attention_update(**args)                       # the shapes that fit
+  with pytest.raises(ValueError, match="do not fit"):
+    cpu_kernels.decode_attention_update(**{**args, "cos": z((2, 16))})
+  with pytest.raises(ValueError, match="do not fit"):
+    cpu_kernels.decode_attention_update(**{**args, "index": z((2,), jnp.int32)})
+  with pytest.raises(ValueError, match="uint16 bits"):
+    cpu_kernels.decode_attention_update(**{**args, "k_bits": z((2, 8, 1, 16))})
 
 
 def test_packed_model_matches_the_einsum_model():

@@ -61,7 +61,8 @@ class CpuKernels(gemma.Backend):
     x_spec, w_spec = equation.split("->")[0].split(",")
     contract = len(set(x_spec) & set(w_spec))
     lead = x.shape[:x.ndim - contract]
-    y = kernels.matmul(x.reshape(*lead, -1).astype(dtype), module.get_variable(PACKED, name))
+    out = dtype if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32   # rounded by the kernel
+    y = kernels.matmul(x.reshape(*lead, -1).astype(dtype), module.get_variable(PACKED, name), out)
     return y.reshape(*lead, *w.shape[contract:]).astype(dtype)
 
   def geglu(self, module, name, x, w, dtype):
@@ -69,14 +70,17 @@ class CpuKernels(gemma.Backend):
       return super().geglu(module, name, x, w, dtype)
     return kernels.geglu(x, module.get_variable(PACKED, "gating_geglu")).astype(dtype)
 
-  def attention(self, q, keys, values, mask, softcap, dtype, cache):
+  def attention(self, q, key, value, rope, query_scale, kv_ctx, mask, softcap, dtype):
     b, t, h, hd = q.shape
+    cache = kv_ctx.layer_cache
     if t != 1 or cache is None or cache["k"].dtype != jnp.uint16:   # not a bf16 decode step
-      return super().attention(q, keys, values, mask, softcap, dtype, cache)
-    k = keys.shape[2]
-    out = kernels.decode_attention(q.reshape(b, k, h // k, hd), cache["k"], cache["v"],
-                                   mask[:, 0], softcap or 0.0)
-    return out.astype(dtype).reshape(b, t, h, hd)
+      return super().attention(q, key, value, rope, query_scale, kv_ctx, mask, softcap, dtype)
+    k = key.shape[2]
+    (cos, sin) = (x[:, 0] for x in rope)
+    out, k_bits, v_bits = kernels.decode_attention_update(
+        q.reshape(b, k, h // k, hd), key[:, 0], value[:, 0], cos, sin, query_scale, cache["k"],
+        cache["v"], kv_ctx.index, mask[:, 0], softcap or 0.0)
+    return out.astype(dtype).reshape(b, t, h, hd), {"k": k_bits, "v": v_bits}
 
   def logits(self, module, x, embedding, dtype):
     if not module.has_variable(PACKED, "input_embedding"):

@@ -61,9 +61,24 @@ inline __m512 GeluTanh(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), Exp(z)));
 }
 
-// Rows [0, R) of one block: y = x @ W as f32 (32 columns), or with kGeglu the GeGLU of the
-// block's 16 gate and 16 up columns as bf16 (16 columns of h, row stride n / 2).
-template <int R, bool kGeglu>
+// 16 f32 -> their bf16 bits exactly as XLA's convert rounds them: to nearest even, subnormals
+// kept (`vcvtneps2bf16`, as in `RoundBf16`, flushes them to zero), NaNs quieted.
+inline __m256i ToBf16Bits(__m512 x) {
+  __m512i b = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x00400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// What a matmul writes: y = x @ W in f32, the same rounded to bf16 (as XLA's convert), or the
+// GeGLU of each block's 16 gate and 16 up columns in bf16.
+enum Out { kF32, kBf16, kGeglu };
+
+// Rows [0, R) of one block: y = x @ W (32 columns, row stride n), or with kGeglu 16 columns of
+// h (row stride n / 2).
+template <int R, int kOut>
 inline void Tile(const uint16_t* x, int64_t k, const uint16_t* w, void* out, int64_t n) {
   __m512 a0[R], a1[R];
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
@@ -79,11 +94,15 @@ inline void Tile(const uint16_t* x, int64_t k, const uint16_t* w, void* out, int
     }
   }
   for (int r = 0; r < R; ++r) {
-    if constexpr (kGeglu) {
+    if constexpr (kOut == kGeglu) {
       // As gemma.MLP: gate and up rounded to bf16, gelu(gate) * up rounded to bf16.
       __m512 h = _mm512_mul_ps(GeluTanh(RoundBf16(a0[r])), RoundBf16(a1[r]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + r * (n / 2)),
                           (__m256i)_mm512_cvtneps_pbh(h));
+    } else if constexpr (kOut == kBf16) {
+      uint16_t* y = static_cast<uint16_t*>(out) + r * n;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), ToBf16Bits(a0[r]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + 16), ToBf16Bits(a1[r]));
     } else {
       float* y = static_cast<float*>(out);
       _mm512_storeu_ps(y + r * n, a0[r]);
@@ -93,36 +112,27 @@ inline void Tile(const uint16_t* x, int64_t k, const uint16_t* w, void* out, int
 }
 
 // Output columns [32 b, 32 b + 32) for all m rows (with kGeglu: columns [16 b, 16 b + 16) of h).
-template <bool kGeglu>
+template <int kOut>
 void Block(const uint16_t* x, const uint16_t* w, void* out, int64_t m, int64_t k, int64_t n,
            int64_t b) {
   const uint16_t* wb = w + b * k * kCols;
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     const uint16_t* xr = x + r0 * k;
-    void* o = kGeglu ? static_cast<void*>(static_cast<uint16_t*>(out) + r0 * (n / 2) + b * 16)
-                     : static_cast<void*>(static_cast<float*>(out) + r0 * n + b * kCols);
+    auto* o16 = static_cast<uint16_t*>(out);
+    void* o = kOut == kGeglu ? static_cast<void*>(o16 + r0 * (n / 2) + b * 16)
+              : kOut == kBf16 ? static_cast<void*>(o16 + r0 * n + b * kCols)
+                              : static_cast<void*>(static_cast<float*>(out) + r0 * n + b * kCols);
     switch (m - r0 >= kRows ? kRows : m - r0) {
-      case 8: Tile<8, kGeglu>(xr, k, wb, o, n); break;
-      case 7: Tile<7, kGeglu>(xr, k, wb, o, n); break;
-      case 6: Tile<6, kGeglu>(xr, k, wb, o, n); break;
-      case 5: Tile<5, kGeglu>(xr, k, wb, o, n); break;
-      case 4: Tile<4, kGeglu>(xr, k, wb, o, n); break;
-      case 3: Tile<3, kGeglu>(xr, k, wb, o, n); break;
-      case 2: Tile<2, kGeglu>(xr, k, wb, o, n); break;
-      default: Tile<1, kGeglu>(xr, k, wb, o, n); break;
+      case 8: Tile<8, kOut>(xr, k, wb, o, n); break;
+      case 7: Tile<7, kOut>(xr, k, wb, o, n); break;
+      case 6: Tile<6, kOut>(xr, k, wb, o, n); break;
+      case 5: Tile<5, kOut>(xr, k, wb, o, n); break;
+      case 4: Tile<4, kOut>(xr, k, wb, o, n); break;
+      case 3: Tile<3, kOut>(xr, k, wb, o, n); break;
+      case 2: Tile<2, kOut>(xr, k, wb, o, n); break;
+      default: Tile<1, kOut>(xr, k, wb, o, n); break;
     }
   }
-}
-
-// 16 f32 -> their bf16 bits exactly as XLA's convert rounds them: to nearest even, subnormals
-// kept (`vcvtneps2bf16`, as in `RoundBf16`, flushes them to zero), NaNs quieted.
-inline __m256i ToBf16Bits(__m512 x) {
-  __m512i b = _mm512_castps_si512(x);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x00400000)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
 // 32 consecutive f32 -> their 32 bf16 bits in one zmm (`ToBf16Bits`); `count` (< 32) loads
@@ -253,8 +263,9 @@ void PackAllRows(ffi::ThreadPool& pool, const T* w, uint16_t* out, int64_t k, in
   });
 }
 
-// y = x @ W (f32 [M, N]) or, with kGeglu, h = GeGLU (bf16 [M, N / 2]); W packed [N/32, K/2, 32, 2].
-template <bool kGeglu>
+// y = x @ W ([M, N], f32 or bf16) or, with kGeglu, h = GeGLU (bf16 [M, N / 2]); W packed
+// [N/32, K/2, 32, 2].
+template <int kOut>
 ffi::Error RunMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::BF16>& x,
                      const ffi::Buffer<ffi::BF16>& w, void* out) {
   auto xd = x.dimensions();
@@ -268,20 +279,25 @@ ffi::Error RunMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::BF16>& x,
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   int64_t m = xd[0], k = xd[1], n = wd[0] * kCols;
   RunParallel(pool, m > 0 ? wd[0] : 0,
-              [=](int64_t b) { Block<kGeglu>(xp, wp, out, m, k, n, b); });
+              [=](int64_t b) { Block<kOut>(xp, wp, out, m, k, n, b); });
   return ffi::Error::Success();
 }
 
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                 ffi::ResultBuffer<ffi::F32> y) {
-  return RunMatmul<false>(pool, x, w, y->typed_data());
+  return RunMatmul<kF32>(pool, x, w, y->typed_data());
+}
+
+ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::BF16> y) {
+  return RunMatmul<kBf16>(pool, x, w, y->typed_data());
 }
 
 // h [M, F] (bf16) = gelu_tanh(x @ W_gate) * (x @ W_up), W packed so that block b holds gate
 // columns [16 b, 16 b + 16) then the same up columns (cpu_kernels.pack_geglu).
 ffi::Error GegluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                      ffi::ResultBuffer<ffi::BF16> h) {
-  return RunMatmul<true>(pool, x, w, h->typed_data());
+  return RunMatmul<kGeglu>(pool, x, w, h->typed_data());
 }
 
 // A large output is fresh memory: each 4 KiB page faults on its first write (82k faults, about
@@ -519,6 +535,112 @@ ffi::Error AttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// A bf16 value held in an f32 lane, rounded as XLA's convert rounds (`ToBf16Bits`).
+inline __m512 RoundExact(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(ToBf16Bits(x)), 16));
+}
+
+// n (<= 16) bf16 bits at p, as f32 lanes (0 past n).
+inline __m512 LoadBf16(const uint16_t* p, int64_t n) {
+  __m256i h = _mm256_maskz_loadu_epi16(Prefix16(n), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline void StoreBf16(uint16_t* p, __m512 x, int64_t n) {
+  _mm256_mask_storeu_epi16(p, Prefix16(n), ToBf16Bits(x));
+}
+
+// The split-half RoPE of x [Hd] by (cos, sin) [Hd / 2] into y, then (scale != 1) y * scale, in
+// bf16 as `gemma.rotate` computes it on XLA:CPU: each product, sum and the scaling rounded.
+void Rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t hd, float scale,
+            uint16_t* y) {
+  const int64_t half = hd / 2;
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < half; j += 16) {
+    int64_t n = half - j < 16 ? half - j : 16;
+    __m512 x1 = LoadBf16(x + j, n), x2 = LoadBf16(x + half + j, n);
+    __m512 c = LoadBf16(cos + j, n), s = LoadBf16(sin + j, n);
+    __m512 y1 = RoundExact(_mm512_sub_ps(RoundExact(_mm512_mul_ps(x1, c)),
+                                         RoundExact(_mm512_mul_ps(x2, s))));
+    __m512 y2 = RoundExact(_mm512_add_ps(RoundExact(_mm512_mul_ps(x2, c)),
+                                         RoundExact(_mm512_mul_ps(x1, s))));
+    if (scale != 1.0f) {
+      y1 = _mm512_mul_ps(y1, sc);
+      y2 = _mm512_mul_ps(y2, sc);
+    }
+    StoreBf16(y + j, y1, n);
+    StoreBf16(y + half + j, y2, n);
+  }
+}
+
+// One decode step of `gemma.Backend.attention` on a bf16 cache: RoPE on the new key and the
+// queries, the key and value written into the cache at slot `index` (in place: the caches are
+// aliased to the outputs), then `AttendOne` as `bond_decode_attention`.
+ffi::Error UpdateAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
+                          ffi::Buffer<ffi::BF16> key, ffi::Buffer<ffi::BF16> value,
+                          ffi::Buffer<ffi::BF16> cos, ffi::Buffer<ffi::BF16> sin,
+                          ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::U16> k,
+                          ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::PRED> mask, float softcap,
+                          float query_scale, ffi::ResultBuffer<ffi::BF16> out,
+                          ffi::ResultBuffer<ffi::U16> k_out, ffi::ResultBuffer<ffi::U16> v_out) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  auto nk = key.dimensions(), nv = value.dimensions(), cd = cos.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || nk.size() != 3 ||
+      nv.size() != 3 || cd.size() != 2 || sin.dimensions().size() != 2 ||
+      index.dimensions().size() != 0) {
+    return ffi::Error::InvalidArgument(
+        "bond_decode_attention_update: want q [R, K, G, Hd], key and value [R, K, Hd], cos and "
+        "sin [R, Hd/2], index [], k [R, S, K, Hd], v [R, K, Hd, S], mask [R, S]");
+  }
+  int64_t r = qd[0], kh = qd[1], g = qd[2], hd = qd[3], s_len = kd[1];
+  if (kd[0] != r || kd[2] != kh || kd[3] != hd || vd[0] != r || vd[1] != kh || vd[2] != hd ||
+      vd[3] != s_len || md[0] != r || md[1] != s_len || nk[0] != r || nk[1] != kh ||
+      nk[2] != hd || nv[0] != r || nv[1] != kh || nv[2] != hd || hd % 2 || cd[0] != r ||
+      cd[1] != hd / 2 || sin.dimensions()[0] != r || sin.dimensions()[1] != hd / 2 || s_len < 1) {
+    return ffi::Error::InvalidArgument("bond_decode_attention_update: inconsistent shapes");
+  }
+  uint16_t* kp = k_out->typed_data();
+  uint16_t* vp = v_out->typed_data();
+  // Where XLA did not alias a cache to its output, start from a copy of it.
+  if (kp != k.typed_data()) std::memcpy(kp, k.typed_data(), k.size_bytes());
+  if (vp != v.typed_data()) std::memcpy(vp, v.typed_data(), v.size_bytes());
+  // As XLA's dynamic-update-slice: the start index clamped into the buffer.
+  const int64_t at = std::clamp<int64_t>(*index.typed_data(), 0, s_len - 1);
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.typed_data());
+  const auto* kn = reinterpret_cast<const uint16_t*>(key.typed_data());
+  const auto* vn = reinterpret_cast<const uint16_t*>(value.typed_data());
+  const auto* cp = reinterpret_cast<const uint16_t*>(cos.typed_data());
+  const auto* sp = reinterpret_cast<const uint16_t*>(sin.typed_data());
+  const bool* mp = mask.typed_data();
+  auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
+  int64_t scratch = g * ((s_len + 15) / 16 * 16 + (s_len + 31) / 32 * 16);   // floats
+  RunParallel(pool, r * kh, [=](int64_t task) {
+    int64_t row = task / kh, head = task % kh;
+    const uint16_t* c = cp + row * (hd / 2);
+    const uint16_t* s = sp + row * (hd / 2);
+    Rotate(kn + task * hd, c, s, hd, 1.0f, kp + ((row * s_len + at) * kh + head) * hd);
+    uint16_t* vcol = vp + task * hd * s_len + at;
+    for (int64_t h = 0; h < hd; ++h) vcol[h * s_len] = vn[task * hd + h];
+    thread_local std::vector<float> buf;
+    thread_local std::vector<uint16_t> qbuf;
+    thread_local std::vector<float> obuf;
+    if (buf.size() < static_cast<size_t>(scratch)) buf.resize(scratch);
+    if (qbuf.size() < static_cast<size_t>(g * hd)) qbuf.resize(g * hd);
+    if (obuf.size() < static_cast<size_t>(g * hd)) obuf.resize(g * hd);
+    for (int64_t i = 0; i < g; ++i) {
+      Rotate(qp + (task * g + i) * hd, c, s, hd, query_scale, qbuf.data() + i * hd);
+    }
+    auto attend = g % 8 == 0 ? AttendOne<8> : g % 4 == 0 ? AttendOne<4>
+                : g % 2 == 0 ? AttendOne<2> : AttendOne<1>;
+    attend(qbuf.data(), kp + (row * s_len * kh + head) * hd, kh * hd, vp + task * hd * s_len,
+           mp + row * s_len, softcap, g, hd, s_len, obuf.data(), buf.data());
+    for (int64_t i = 0; i < g * hd; i += 16) {   // rounded to bf16 as the model's cast
+      StoreBf16(op + task * g * hd + i, _mm512_loadu_ps(obuf.data() + i), g * hd - i);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // Greedy decoding's choice in one kernel: for each row of f32 logits [R, V], the first index of
 // its maximum and log softmax there, -log(sum exp(x - max)). Two passes over a row (the second
 // from cache) where XLA runs a max, a select, a min and an exp-sum over the whole [R, V].
@@ -601,6 +723,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Matmul, Impl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16MatmulBf16, Bf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Pack, PackImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -643,3 +772,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Geglu, GegluImpl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BondDecodeAttentionUpdate, UpdateAttnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("softcap")
+                                  .Attr<float>("query_scale")
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::U16>>());

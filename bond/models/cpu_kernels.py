@@ -15,6 +15,8 @@ the weights stream from memory. XLA:CPU's dots reach about half the machine's ba
     uint16 bits, the query heads that share a key head together (each key and value read once)
     and the cache prefetched ahead (a step's weights evict it). XLA:CPU materialises a bf16 copy
     of the cache for its attention dots and runs them as many tiny batched products;
+    `decode_attention_update` also applies RoPE to the new key and the queries and writes the
+    key and value into the cache in place (XLA:CPU ran those as a dozen small bf16 ops a layer);
   * `take_rows`: the token lookup of a bf16 table, without XLA's converted copy of all of it;
   * `greedy`: greedy decoding's argmax and its log-prob in one pass (XLA runs four).
 
@@ -44,9 +46,11 @@ import numpy as np
 Array = jax.Array
 
 TARGET = "bond_bf16_matmul"
+BF16_TARGET = "bond_bf16_matmul_bf16"
 PACK_TARGET = "bond_bf16_pack"
 PACK_F32_TARGET = "bond_f32_pack"
 ATTENTION_TARGET = "bond_decode_attention"
+ATTENTION_UPDATE_TARGET = "bond_decode_attention_update"
 GEGLU_TARGET = "bond_bf16_geglu"
 TAKE_ROWS_TARGET = "bond_take_rows"
 GREEDY_TARGET = "bond_greedy"
@@ -99,9 +103,11 @@ def _build() -> str | None:
   """Compiles, loads and registers the FFI targets, once per process; None, or why it failed."""
   try:
     lib = ctypes.cdll.LoadLibrary(str(_compile()))
-    for target, symbol in ((TARGET, lib.BondBf16Matmul), (PACK_TARGET, lib.BondBf16Pack),
+    for target, symbol in ((TARGET, lib.BondBf16Matmul), (BF16_TARGET, lib.BondBf16MatmulBf16),
+                           (PACK_TARGET, lib.BondBf16Pack),
                            (PACK_F32_TARGET, lib.BondF32Pack),
                            (ATTENTION_TARGET, lib.BondDecodeAttention),
+                           (ATTENTION_UPDATE_TARGET, lib.BondDecodeAttentionUpdate),
                            (GEGLU_TARGET, lib.BondBf16Geglu),
                            (TAKE_ROWS_TARGET, lib.BondTakeRows),
                            (GREEDY_TARGET, lib.BondGreedy)):
@@ -198,9 +204,13 @@ def _call_packed(target: str, x: Array, packed: Array, cols_per_block: int, dtyp
   return call(x.reshape(rows, k).astype(jnp.bfloat16), packed).reshape(*lead, n)
 
 
-def matmul(x: Array, packed: Array) -> Array:
-  """x [..., K] @ W -> f32 [..., N], W given packed by `pack`; x is cast to bf16."""
-  return _call_packed(TARGET, x, packed, COLS, jnp.float32)
+def matmul(x: Array, packed: Array, dtype=jnp.float32) -> Array:
+  """x [..., K] @ W -> [..., N], W given packed by `pack`; x is cast to bf16. dtype: f32, or
+  bf16 (the f32 result rounded as XLA's convert rounds it, written by the kernel)."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"matmul writes float32 or bfloat16, not {jnp.dtype(dtype).name}")
+  target = BF16_TARGET if jnp.dtype(dtype) == jnp.bfloat16 else TARGET
+  return _call_packed(target, x, packed, COLS, jnp.dtype(dtype))
 
 
 def pack_geglu(w: Array) -> Array:
@@ -273,3 +283,42 @@ def decode_attention(q: Array, k_bits: Array, v_bits: Array, mask: Array,
   call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
   return call(q.astype(jnp.bfloat16), k_bits, v_bits, mask.astype(jnp.bool_),
               softcap=np.float32(softcap))
+
+
+def decode_attention_update(q: Array, key: Array, value: Array, cos: Array, sin: Array,
+                            query_scale: float, k_bits: Array, v_bits: Array, index: Array,
+                            mask: Array, softcap: float = 0.0) -> tuple[Array, Array, Array]:
+  """One decode step of `gemma.Backend.attention` on a bf16 KV cache held as uint16 bits.
+
+  q [R, K, G, Hd] and key, value [R, K, Hd] as projected (bf16; q and key before RoPE), cos and
+  sin [R, Hd/2] (`gemma.rope_table`, bf16), query_scale the model's (rounded to bf16 as the
+  model does), k_bits [R, S, K, Hd] and v_bits [R, K, Hd, S] the cache (`gemma.init_cache`),
+  index the slot to write (clamped into [0, S) as XLA's dynamic-update-slice does), mask
+  [R, S] over the cache after the write. Rotates the key and the queries and scales the queries
+  in bf16 as `gemma.rotate` rounds on XLA:CPU (every product and sum), writes the key and value
+  at `index` and attends as `decode_attention`. Returns (bf16 [R, K, G, Hd], k_bits, v_bits),
+  the caches updated in place where the caller donates them (inside the decode loop).
+  """
+  r, kh, g, hd = q.shape
+  s = k_bits.shape[1]
+  if (key.shape != (r, kh, hd) or value.shape != (r, kh, hd) or cos.shape != (r, hd // 2)
+      or sin.shape != cos.shape or hd % 2 or k_bits.shape != (r, s, kh, hd)
+      or v_bits.shape != (r, kh, hd, s) or mask.shape != (r, s) or jnp.shape(index) != ()):
+    raise ValueError(f"decode_attention_update: q {q.shape}, key {key.shape}, value "
+                     f"{value.shape}, cos {cos.shape}, sin {sin.shape}, k {k_bits.shape}, v "
+                     f"{v_bits.shape}, index {jnp.shape(index)}, mask {mask.shape} do not fit "
+                     "q [R, K, G, Hd], key and value [R, K, Hd], cos and sin [R, Hd/2] (Hd even), "
+                     "k [R, S, K, Hd], v [R, K, Hd, S], index [], mask [R, S]")
+  if k_bits.dtype != jnp.uint16 or v_bits.dtype != jnp.uint16:
+    raise ValueError("decode_attention_update: the cache must hold bf16 as uint16 bits")
+  build()
+  bf16 = lambda a: a.astype(jnp.bfloat16)   # noqa: E731
+  call = jax.ffi.ffi_call(ATTENTION_UPDATE_TARGET,
+                          (jax.ShapeDtypeStruct(q.shape, jnp.bfloat16),
+                           jax.ShapeDtypeStruct(k_bits.shape, jnp.uint16),
+                           jax.ShapeDtypeStruct(v_bits.shape, jnp.uint16)),
+                          input_output_aliases={6: 1, 7: 2})
+  scale = float(np.float32(query_scale).astype(jnp.bfloat16))   # as the model rounds it
+  return tuple(call(bf16(q), bf16(key), bf16(value), bf16(cos), bf16(sin),
+                    jnp.asarray(index, jnp.int32), k_bits, v_bits, mask.astype(jnp.bool_),
+                    softcap=np.float32(softcap), query_scale=np.float32(scale)))

@@ -245,11 +245,38 @@ def apply_rope(x: Array, positions: Array, base: float, scale: float,
   inv_freq, if given, replaces `rope_inv_freq(Hd, base, scale)`."""
   if inv_freq is None:
     inv_freq = rope_inv_freq(x.shape[-1], base, scale)
+  return rotate(x, *rope_table(positions, inv_freq, x.dtype))
+
+
+def rope_table(positions: Array, inv_freq: Array, dtype: Any) -> tuple[Array, Array]:
+  """(cos, sin) [B, T, Hd/2] of the RoPE angles at positions [B, T], rounded to `dtype`."""
   angles = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, Hd/2]
-  cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-  sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def rotate(x: Array, cos: Array, sin: Array) -> Array:
+  """x [B, T, N, Hd] rotated by `rope_table`'s (cos, sin): [x1 c - x2 s, x2 c + x1 s].
+
+  Stacked halves, not a concatenation: XLA:CPU fuses this into one loop (a concatenate of the
+  two halves stays a separate op after two more). The same values either way.
+  """
   x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-2).reshape(x.shape)
+
+
+# {LOCAL: (cos, sin), GLOBAL: (cos, sin)}: the `rope_table` of each layer type's frequencies.
+RopeTables = dict[str, tuple[Array, Array]]
+
+
+def rope_tables(config: GemmaConfig, positions: Array) -> RopeTables:
+  """Both layer types' RoPE tables at positions [B, T], in the model's dtype. Computed once per
+  model call and passed to every layer (XLA:CPU otherwise computed sin and cos in each layer)."""
+  hd = config.head_dim
+  return {LOCAL: rope_table(positions, rope_inv_freq(hd, config.rope_base_local,
+                                                     config.rope_scale_local), config.dtype),
+          GLOBAL: rope_table(positions, rope_inv_freq(hd, config.rope_base_global,
+                                                      config.rope_scale_global), config.dtype)}
 
 
 def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | Array | None) -> Array:
@@ -286,21 +313,16 @@ class Backend:
     """gelu_tanh(x W[:, 0]) * (x W[:, 1]) for the fused gate/up weight w [D, 2, F]."""
     return gelu_mul(self.dense(module, name, "BTD,DCF->BTCF", x, w, dtype))
 
-  def attention(self, q: Array, keys: Array, values: Array, mask: Array,
-                softcap: float | None, dtype: Any, cache: Cache | None) -> Array:
-    """Softmax attention -> [B, T, H, Hd]. q [B, T, H, Hd] (scaled), keys [B, S, K, Hd], mask
-    [B, T, S]; values [B, S, K, Hd], or [B, K, Hd, S] as cached. cache: None, or this layer's
-    stored cache after the write (`init_cache`), where keys and values were read from."""
-    b, t, h, hd = q.shape
-    k = keys.shape[2]
-    q = q.reshape(b, t, k, h // k, hd)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=jnp.float32)
-    if softcap:
-      logits = jnp.tanh(logits / softcap) * softcap
-    logits = jnp.where(mask[:, None, None], logits, K_MASK)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    pv = "BKGTS,BSKH->BTKGH" if cache is None else "BKGTS,BKHS->BTKGH"
-    return _einsum(pv, probs, values, dtype).reshape(b, t, h, hd)
+  def attention(self, q: Array, key: Array, value: Array, rope: tuple[Array, Array],
+                query_scale: float, kv_ctx: "KVContext", mask: Array, softcap: float | None,
+                dtype: Any) -> tuple[Array, Cache | None]:
+    """RoPE, the KV cache write and softmax attention -> (out [B, T, H, Hd], this layer's new
+    cache or None). q [B, T, H, Hd] and key, value [B, T, K, Hd] as projected (and QK-normed),
+    rope the (cos, sin) of `rope_table`, kv_ctx the keys to attend to, mask [B, T, S]."""
+    cos, sin = rope
+    q = rotate(q, cos, sin) * jnp.asarray(query_scale, dtype)
+    keys, values, cache = kv_ctx.update(rotate(key, cos, sin), value)
+    return dot_attention(q, keys, values, mask, softcap, dtype, cache is not None), cache
 
   def embed(self, embedding: Array, tokens: Array) -> Array:
     """Rows `tokens` [B, T] of the embedding table [V, D] -> [B, T, D], in the table's dtype."""
@@ -320,6 +342,22 @@ class Backend:
 
 
 XLA = Backend()
+
+
+def dot_attention(q: Array, keys: Array, values: Array, mask: Array, softcap: float | None,
+                  dtype: Any, cached: bool) -> Array:
+  """Softmax attention -> [B, T, H, Hd]. q [B, T, H, Hd] (rotated, scaled), keys [B, S, K, Hd],
+  mask [B, T, S]; values [B, S, K, Hd], or [B, K, Hd, S] if `cached` (`init_cache`'s layout)."""
+  b, t, h, hd = q.shape
+  k = keys.shape[2]
+  q = q.reshape(b, t, k, h // k, hd)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=jnp.float32)
+  if softcap:
+    logits = jnp.tanh(logits / softcap) * softcap
+  logits = jnp.where(mask[:, None, None], logits, K_MASK)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  pv = "BKGTS,BKHS->BTKGH" if cached else "BKGTS,BSKH->BTKGH"
+  return _einsum(pv, probs, values, dtype).reshape(b, t, h, hd)
 
 
 def first_argmax(logits: Array) -> Array:
@@ -350,7 +388,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, kv_ctx: "KVContext",
-               is_local: Array | None = None) -> tuple[Array, Cache | None]:
+               is_local: Array | None = None,
+               rope: "RopeTables | None" = None) -> tuple[Array, Cache | None]:
     cfg = self.config
     d, h, k, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     w_q = self.param("q_einsum", nn.with_logical_partitioning(
@@ -368,23 +407,18 @@ class Attention(nn.Module):
       q = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="query_norm")(q)
       key = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="key_norm")(key)
 
-    local_freq = rope_inv_freq(hd, cfg.rope_base_local, cfg.rope_scale_local)
-    global_freq = rope_inv_freq(hd, cfg.rope_base_global, cfg.rope_scale_global)
+    if rope is None:
+      rope = rope_tables(cfg, positions)
     if self.layer_type is None:
-      inv_freq = jnp.where(is_local, local_freq, global_freq)
+      cos, sin = (jnp.where(is_local, a, b) for a, b in zip(rope[LOCAL], rope[GLOBAL]))
       window = jnp.where(is_local, cfg.sliding_window or 0, jnp.iinfo(jnp.int32).max)
     elif self.layer_type == LOCAL:
-      inv_freq, window = local_freq, cfg.sliding_window
+      (cos, sin), window = rope[LOCAL], cfg.sliding_window
     else:
-      inv_freq, window = global_freq, None
-    q = apply_rope(q, positions, 0.0, 0.0, inv_freq) * jnp.asarray(cfg.query_scale, cfg.dtype)
-    key = apply_rope(key, positions, 0.0, 0.0, inv_freq)
-
-    key, value, new_cache = kv_ctx.update(key, value)
+      (cos, sin), window = rope[GLOBAL], None
     mask = attention_mask(positions, kv_ctx.k_pos, kv_ctx.k_valid, window)   # [B, T, S]
-
-    out = self.backend.attention(q, key, value, mask, cfg.attn_logit_softcap, cfg.dtype,
-                                 new_cache)
+    out, new_cache = self.backend.attention(q, key, value, (cos, sin), cfg.query_scale, kv_ctx,
+                                            mask, cfg.attn_logit_softcap, cfg.dtype)
     out = self.backend.dense(self, "attn_vec_einsum", "BTNH,NHD->BTD", out, w_o, cfg.dtype)
     return out, new_cache
 
@@ -414,12 +448,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, kv_ctx: "KVContext",
-               is_local: Array | None = None):
+               is_local: Array | None = None, rope: "RopeTables | None" = None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)  # noqa: E731
     h = norm("pre_attention_norm")(x)
     h, new_cache = Attention(cfg, self.layer_type, self.backend, name="attn")(
-        h, positions, kv_ctx, is_local)
+        h, positions, kv_ctx, is_local, rope)
     if cfg.use_post_norms:
       h = norm("post_attention_norm")(h)
     x = x + h
@@ -543,9 +577,10 @@ class Gemma(nn.Module):
       k_pos = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, index))
       k_valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, index))
 
+    rope = rope_tables(cfg, positions)   # once per call, not per layer
     new_layers = []
     if cache is None and cfg.scan_layers and cfg.num_layers > 1 and not self.is_initializing():
-      x = self._scanned_layers(x, positions, KVContext(k_pos, k_valid))
+      x = self._scanned_layers(x, positions, KVContext(k_pos, k_valid), rope)
     else:
       block_cls = nn.remat(Block) if cfg.remat else Block
       for i in range(cfg.num_layers):
@@ -553,10 +588,10 @@ class Gemma(nn.Module):
         ctx = KVContext(k_pos, k_valid, layer_cache, index)
         if self.is_initializing():
           x, layer_new = block_cls(cfg, cfg.layer_type(i), self.backend, name=f"layer_{i}")(
-              x, positions, ctx)
+              x, positions, ctx, None, rope)
         else:   # one trace per layer type, not per layer (XLA inlines the calls)
           x, layer_new = _layer_fn(cfg, cfg.layer_type(i), self.backend)(
-              self._layer_variables(i), x, positions, ctx)
+              self._layer_variables(i), x, positions, ctx, rope)
         new_layers.append(layer_new)
     x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="final_norm")(x)
     if return_hidden:
@@ -572,7 +607,8 @@ class Gemma(nn.Module):
     return out, new_cache
 
 
-  def _scanned_layers(self, x: Array, positions: Array, ctx: KVContext) -> Array:
+  def _scanned_layers(self, x: Array, positions: Array, ctx: KVContext,
+                      rope: "RopeTables") -> Array:
     """The layer stack as one `lax.scan` over the layers' variables stacked on a leading axis.
 
     Same computation as the unrolled loop: each layer's variables (every collection the caller
@@ -591,7 +627,7 @@ class Gemma(nn.Module):
     policy = (jax.checkpoint_policies.nothing_saveable if cfg.remat
               else jax.checkpoint_policies.dots_saveable)
     return scan_stack(jax.checkpoint(layer, policy=policy), x, stacked, is_local,
-                       (positions, ctx))
+                       (positions, ctx, rope))
   def _layer_variables(self, i: int) -> dict[str, Any]:
     """Layer i's variables, every collection the caller passed (params, a backend's own)."""
     name = f"layer_{i}"
@@ -672,8 +708,8 @@ def _jitted_layer(config: GemmaConfig, layer_type: str | None, backend: Backend,
   del rules   # a cache key only
   block = Block(config, layer_type, backend, parent=None)
 
-  def apply(variables, x, positions, ctx, is_local=None):
-    return block.apply(variables, x, positions, ctx, is_local)
+  def apply(variables, x, positions, ctx, rope=None, is_local=None):
+    return block.apply(variables, x, positions, ctx, is_local, rope)
 
   if config.remat:
     apply = jax.checkpoint(apply)
