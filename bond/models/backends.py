@@ -7,8 +7,10 @@ Here:
 
   * `CpuKernels`: the AVX512-BF16 decode kernels of `bond.models.cpu_kernels`, for a bf16 model
     on one CPU device. `prepare` packs the matmul weights once, outside the decode loop, into the
-    `PACKED` collection; decode attention reads the bf16 KV cache in place; a bf16 embedding's
-    token lookup copies the rows (XLA:CPU converts the whole table to gather from it).
+    `PACKED` collection, and the matmuls write bf16 where the model casts to it; a decode
+    step's attention rotates the new key and the queries, writes the key and value into the bf16
+    KV cache in place and attends over it in one kernel; a bf16 embedding's token lookup copies
+    the rows (XLA:CPU converts the whole table to gather from it).
     Constructing one builds the kernels (once, cached on disk), so no model trace ever runs the
     compiler.
   * `select(config, cpu_kernels)`: the backend of the sampler's decode loop. `CpuKernels` where
