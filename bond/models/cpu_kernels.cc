@@ -503,6 +503,16 @@ void AttendOne(const uint16_t* q, const uint16_t* k, int64_t kstride, const uint
   }
 }
 
+// `AttendOne` with the widest tile of query heads that divides g, and its scratch (floats).
+auto AttendFor(int64_t g) {
+  return g % 8 == 0 ? AttendOne<8> : g % 4 == 0 ? AttendOne<4> : g % 2 == 0 ? AttendOne<2>
+                                                                           : AttendOne<1>;
+}
+
+int64_t AttendScratch(int64_t g, int64_t s_len) {
+  return g * ((s_len + 15) / 16 * 16 + (s_len + 31) / 32 * 16);
+}
+
 ffi::Error AttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U16> k,
                     ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::PRED> mask, float softcap,
                     ffi::ResultBuffer<ffi::F32> out) {
@@ -521,13 +531,12 @@ ffi::Error AttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
   const uint16_t* vp = v.typed_data();
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
-  int64_t scratch = g * ((s_len + 15) / 16 * 16 + (s_len + 31) / 32 * 16);   // floats
+  const int64_t scratch = AttendScratch(g, s_len);
+  const auto attend = AttendFor(g);
   RunParallel(pool, r * kh, [=](int64_t task) {
     int64_t row = task / kh, head = task % kh;
     thread_local std::vector<float> buf;
     if (buf.size() < static_cast<size_t>(scratch)) buf.resize(scratch);
-    auto attend = g % 8 == 0 ? AttendOne<8> : g % 4 == 0 ? AttendOne<4>
-                : g % 2 == 0 ? AttendOne<2> : AttendOne<1>;
     attend(qp + task * g * hd, kp + (row * s_len * kh + head) * hd, kh * hd,
            vp + task * hd * s_len, mp + row * s_len, softcap, g, hd, s_len,
            op + task * g * hd, buf.data());
@@ -613,7 +622,8 @@ ffi::Error UpdateAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
   const auto* sp = reinterpret_cast<const uint16_t*>(sin.typed_data());
   const bool* mp = mask.typed_data();
   auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
-  int64_t scratch = g * ((s_len + 15) / 16 * 16 + (s_len + 31) / 32 * 16);   // floats
+  const int64_t scratch = AttendScratch(g, s_len);
+  const auto attend = AttendFor(g);
   RunParallel(pool, r * kh, [=](int64_t task) {
     int64_t row = task / kh, head = task % kh;
     const uint16_t* c = cp + row * (hd / 2);
@@ -630,8 +640,6 @@ ffi::Error UpdateAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
     for (int64_t i = 0; i < g; ++i) {
       Rotate(qp + (task * g + i) * hd, c, s, hd, query_scale, qbuf.data() + i * hd);
     }
-    auto attend = g % 8 == 0 ? AttendOne<8> : g % 4 == 0 ? AttendOne<4>
-                : g % 2 == 0 ? AttendOne<2> : AttendOne<1>;
     attend(qbuf.data(), kp + (row * s_len * kh + head) * hd, kh * hd, vp + task * hd * s_len,
            mp + row * s_len, softcap, g, hd, s_len, obuf.data(), buf.data());
     for (int64_t i = 0; i < g * hd; i += 16) {   // rounded to bf16 as the model's cast
