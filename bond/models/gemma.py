@@ -239,15 +239,6 @@ def rope_inv_freq(head_dim: int, base: float, scale: float) -> Array:
   return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / scale
 
 
-def apply_rope(x: Array, positions: Array, base: float, scale: float,
-               inv_freq: Array | None = None) -> Array:
-  """Split-half rotary embedding (HF `rotate_half` convention). x: [B, T, N, Hd]; positions [B, T].
-  inv_freq, if given, replaces `rope_inv_freq(Hd, base, scale)`."""
-  if inv_freq is None:
-    inv_freq = rope_inv_freq(x.shape[-1], base, scale)
-  return rotate(x, *rope_table(positions, inv_freq, x.dtype))
-
-
 def rope_table(positions: Array, inv_freq: Array, dtype: Any) -> tuple[Array, Array]:
   """(cos, sin) [B, T, Hd/2] of the RoPE angles at positions [B, T], rounded to `dtype`."""
   angles = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, Hd/2]
@@ -255,7 +246,8 @@ def rope_table(positions: Array, inv_freq: Array, dtype: Any) -> tuple[Array, Ar
 
 
 def rotate(x: Array, cos: Array, sin: Array) -> Array:
-  """x [B, T, N, Hd] rotated by `rope_table`'s (cos, sin): [x1 c - x2 s, x2 c + x1 s].
+  """Split-half rotary embedding (HF `rotate_half` convention): x [B, T, N, Hd] rotated by
+  `rope_table`'s (cos, sin), [x1 c - x2 s, x2 c + x1 s].
 
   Stacked halves, not a concatenation: XLA:CPU fuses this into one loop (a concatenate of the
   two halves stays a separate op after two more). The same values either way.
