@@ -133,6 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
   #                                   workdir/adapters
   c.train.compilation_cache = "~/.cache/bond/jax"   # JAX's persistent compilation cache for
   #                                   `python -m bond.main` (reruns skip compiling); '' disables it
+  c.train.program_cache = True      # also keep the loop's compiled programs in
+  #                                   compilation_cache/bond_programs: a rerun loads them without
+  #                                   tracing the model (bond/aot.py)
   c.train.malloc_hugepages = "auto"  # auto | on | off: the CLI re-executes itself with glibc's
   #                                   transparent huge pages for large buffers and, without LoRA,
   #                                   freed memory kept for reuse (bond/hugepages.py: faster,

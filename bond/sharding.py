@@ -73,8 +73,7 @@ def logical_to_mesh(logical_spec: P, rules=RULES) -> P:
 
 def param_shardings(config: gemma.GemmaConfig, mesh: Mesh, rules=RULES):
   """NamedSharding pytree for the params of `config` (no allocation)."""
-  shapes = gemma.param_shapes(config)
-  logical = gemma.logical_axes(config)
+  shapes, logical = gemma.param_shapes_and_axes(config)
   return jax.tree.map(
       lambda s, spec: NamedSharding(mesh, fit_spec(s.shape, logical_to_mesh(spec, rules), mesh)),
       shapes, logical, is_leaf=lambda x: isinstance(x, P))

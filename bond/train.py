@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -28,6 +29,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from bond import aot
 from bond import bon
 from bond import checkpoint as ckpt_lib
 from bond import config as config_lib
@@ -224,44 +226,125 @@ def _host_reward(config, exp: Experiment):
   return host if online and jax.process_count() == 1 else None
 
 
-def _staged_rollout(config, mc, exp: Experiment, state, abstract_batch, state_sh, batch_sh,
-                    rollout_sh, mesh):
-  """`jit_rollout(state, batch)` as two jits with the host reward between them
-  (`rollout.Stages`): both jits have no host callback, so the persistent compilation cache
-  keeps them and a rerun of the config starts without compiling its rollout."""
-  stages = rollout_lib.make_rollout_stages(config, mc, exp.reward_fn)
+def _program_dir(config) -> str | None:
+  """Where the loop's compiled programs are kept (bond/aot.py): `bond_programs` in JAX's
+  persistent compilation cache directory when one is set (the CLI sets train.compilation_cache)
+  and train.program_cache is on; else None."""
+  cache_dir = jax.config.jax_compilation_cache_dir
+  if not (config.train.program_cache and cache_dir):
+    return None
+  return os.path.join(os.path.expanduser(cache_dir), "bond_programs")
+
+
+def _program_cache(config) -> tuple[aot.ProgramCache | None, str]:
+  """(the run's `aot.ProgramCache` or None, its key), its stored programs already loading.
+
+  The key is a function of the config, the files it names (the model's checkpoint included), the
+  bond source and the installation (`aot.fingerprint`): so are the state's and the batch's
+  shapes and shardings. A stored program whose arguments differ anyway is traced again (aot).
+  Loading starts here, before the model loads, so that the two overlap.
+  """
+  directory = _program_dir(config)
+  if not directory or jax.process_count() > 1:
+    return None, ""
+  files = []
+  if config.model.checkpoint == "gemma3_270m":
+    try:
+      from bond import assets
+      files.append(assets.gemma3_270m_gguf_path())
+    except Exception:   # pylint: disable=broad-except  -- load_model reports it
+      pass
+  cache = aot.ProgramCache(directory)
+  key = aot.fingerprint(config, files=files)
+  cache.prefetch(key, ("sample", "rollout", "finish", "update"))
+  return cache, key
+
+
+def _programs(config, mc, exp: Experiment, state, abstract_batch, state_sh, batch_sh, mesh,
+              optimizer, cache: aot.ProgramCache | None = None, key: str = ""):
+  """The loop's compiled stages: (rollout(state, batch), update program, programs to compile
+  ahead with their abstract arguments).
+
+  Two jitted stages (design.md): rollout (sampling, rewards, no-grad log-probs), then update.
+  With a host reward on one process the rollout is two jits with the reward between them
+  (`rollout.Stages`): no jit has a host callback, so every program can be stored. Each is an
+  `aot.Program`: given a `cache` (`_program_cache`) a rerun of the config loads it instead of
+  tracing it, and the abstract evaluations that only tracing needs are skipped too.
+  """
+  rep = sharding.replicated(mesh)
+  with_sh = lambda tree, sh: jax.tree.map(   # noqa: E731
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s,
+                                        weak_type=getattr(x, "weak_type", False)), tree, sh)
+  abstract_state = with_sh(state, state_sh)
+  batch_args = with_sh(abstract_batch, batch_sh)
+  rollout_fn = rollout_lib.make_rollout_fn(config, mc, exp.reward_fn)
+  update_fn = steps.make_update_fn(config, mc, optimizer)
+
+  abstract_rollout = functools.cache(lambda: jax.eval_shape(rollout_fn, abstract_state,
+                                                            batch_args))
+  rollout_sh = functools.cache(lambda: jax.tree.map(
+      lambda x: sharding.batch_sharding(mesh, x.ndim), abstract_rollout()))
+
+  def logged_rollout(state, batch):
+    # Metric-only passes (π_ref on J-BOND's policy samples) run on the steps that are logged.
+    return rollout_fn(state, batch, None, _logged(state.step + 1, config))
+
+  program = lambda name, make: aot.Program(name, make, cache, key)   # noqa: E731
+  update = program("update", lambda: jax.jit(
+      _guarded(update_fn), in_shardings=(state_sh, rollout_sh()),
+      out_shardings=(state_sh, rep, rep), donate_argnums=0))
+  ahead = []
   host = _host_reward(config, exp)
-  samples_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim),
-                            jax.eval_shape(stages.sample, state, abstract_batch))
-  jit_sample = jax.jit(stages.sample, in_shardings=(state_sh, batch_sh), out_shardings=samples_sh)
-  jit_finish = jax.jit(
-      lambda state, batch, samples, r: stages.finish(state, batch, samples, r,
-                                                     _logged(state.step + 1, config)),
-      in_shardings=(state_sh, batch_sh, samples_sh, sharding.batch_sharding(mesh, 2)),
-      out_shardings=rollout_sh)
+  if host is None:
+    jit_rollout = program("rollout", lambda: jax.jit(
+        logged_rollout, in_shardings=(state_sh, batch_sh), out_shardings=rollout_sh()))
+  else:
+    stages = rollout_lib.make_rollout_stages(config, mc, exp.reward_fn)
 
-  def rollout(state, batch):
-    samples = jit_sample(state, batch)
-    r = rollout_lib.score_samples(host, batch, samples).astype(np.float32)
-    return jit_finish(state, batch, samples, r)
+    abstract_samples = functools.cache(lambda: jax.eval_shape(stages.sample, abstract_state,
+                                                              batch_args))
+    samples_sh = functools.cache(lambda: jax.tree.map(
+        lambda x: sharding.batch_sharding(mesh, x.ndim), abstract_samples()))
 
-  return rollout
+    sample = program("sample", lambda: jax.jit(
+        stages.sample, in_shardings=(state_sh, batch_sh), out_shardings=samples_sh()))
+    r_sh = sharding.batch_sharding(mesh, 2)
+    finish = program("finish", lambda: jax.jit(
+        lambda state, batch, samples, r: stages.finish(state, batch, samples, r,
+                                                       _logged(state.step + 1, config)),
+        in_shardings=(state_sh, batch_sh, samples_sh(), r_sh), out_shardings=rollout_sh()))
+    def finish_args():
+      samples = with_sh(abstract_samples(), samples_sh())
+      b, n = samples.tokens.shape[:2]
+      return (abstract_state, batch_args, samples,
+              jax.ShapeDtypeStruct((b, n), np.float32, sharding=r_sh))
+
+    ahead.append((finish, finish_args))
+
+    def jit_rollout(state, batch):
+      samples = sample(state, batch)
+      r = rollout_lib.score_samples(host, batch, samples).astype(np.float32)
+      return finish(state, batch, samples, r)
+
+  ahead.append((update, lambda: (abstract_state, with_sh(abstract_rollout(), rollout_sh()))))
+  return jit_rollout, update, ahead
 
 
-def _compile_ahead(jitted, *args) -> threading.Thread:
-  """Starts `jitted.lower(*args).compile()` on a thread and returns it; join it before the first
-  call (which then reuses the executable: JAX caches lowerings and their compilations).
+def _compile_ahead(programs) -> threading.Thread:
+  """Starts compiling (or loading) each `(aot.Program, args)` on a thread, in order, and returns
+  it; join it before the first call of the last one (calls reuse the executable).
 
-  The update program is the largest: on a rerun, loading it from the persistent compilation
-  cache takes seconds of C++ that run without the GIL, so it overlaps the first rollout instead
-  of following it. An error here is dropped: the first call compiles again and raises it.
+  The update program is the largest: on a rerun, loading it takes seconds of C++ that run
+  without the GIL, so it overlaps the first rollout instead of following it. An error here is
+  dropped: the first call compiles again and raises it.
   """
 
   def compile_():
-    try:
-      jitted.lower(*args).compile()
-    except Exception as e:   # pylint: disable=broad-except
-      logging.info("compiling ahead failed (the first call will retry): %s", e)
+    for program, args in programs:
+      try:
+        program.compile(args)
+      except Exception as e:   # pylint: disable=broad-except
+        logging.info("compiling %s ahead failed (the first call will retry): %s", program.name, e)
 
   thread = threading.Thread(target=compile_, name="bond-compile-ahead", daemon=True)
   thread.start()
@@ -325,10 +408,23 @@ class MetricsLog:
 _TB_SCHEMES = {"gs": "google.cloud.storage", "s3": "boto3"}
 
 
+def _import_tensorboardx():
+  """tensorboardX, imported without importing torch when nothing has yet (its writer imports
+  torch only to accept torch tensors; that import is 1.5 s of a rerun's start)."""
+  import sys
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    return importlib.import_module("tensorboardX")
+  sys.modules["torch"] = None   # `import torch` raises ImportError, which tensorboardX allows
+  try:
+    return importlib.import_module("tensorboardX")
+  finally:
+    del sys.modules["torch"]
+
+
 def _summary_writer(logdir: epath.Path, start: int):
   """A tensorboardX writer that hides events at steps >= `start` left by an earlier attempt, or
   None (with a warning) when it cannot write `logdir`: metrics.jsonl has every record anyway."""
-  from tensorboardX import SummaryWriter
+  SummaryWriter = _import_tensorboardx().SummaryWriter   # noqa: N806
   scheme = os.fspath(logdir).split("://")[0] if not _is_local(logdir) else None
   if scheme is not None:
     try:
@@ -473,6 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   device never waits) before that state can be saved.
   """
   config_lib.validate(config)
+  programs, key = _program_cache(config)
   exp, mesh, optimizer, state, state_sh = _setup(config)
   mc, tc = exp.model_config, config.train
 
@@ -498,26 +595,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"held-out evaluation: {config.eval.num_prompts} prompts, reference cache of "
           f"{config.eval.ref_samples} samples each ready in {time.time() - t_cache:.1f} s")
 
-  # Two jitted stages (design.md): rollout (sampling, rewards, no-grad log-probs), then update.
-  rollout_fn = rollout_lib.make_rollout_fn(config, mc, exp.reward_fn)
-  update_fn = steps.make_update_fn(config, mc, optimizer)
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in exp.table.columns.items()}
-  rep = sharding.replicated(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype)
                     for k, v in exp.table.columns.items()}
-  abstract_rollout = jax.eval_shape(rollout_fn, state, abstract_batch)
-  rollout_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), abstract_rollout)
-  def logged_rollout(state, batch):
-    # Metric-only passes (π_ref on J-BOND's policy samples) run on the steps that are logged.
-    return rollout_fn(state, batch, None, _logged(state.step + 1, config))
-
-  jit_rollout = jax.jit(logged_rollout, in_shardings=(state_sh, batch_sh),
-                        out_shardings=rollout_sh)
-  if _host_reward(config, exp) is not None:
-    jit_rollout = _staged_rollout(config, mc, exp, state, abstract_batch, state_sh, batch_sh,
-                                  rollout_sh, mesh)
-  jit_update = jax.jit(_guarded(update_fn), in_shardings=(state_sh, rollout_sh),
-                       out_shardings=(state_sh, rep, rep), donate_argnums=0)
+  jit_rollout, jit_update, ahead = _programs(config, mc, exp, state, abstract_batch, state_sh,
+                                             batch_sh, mesh, optimizer, programs, key)
 
   exact_fn = None
   if exp.task is not None:
@@ -538,12 +620,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last: dict = {}
   bar = tqdm.tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
                   disable=not is_main, dynamic_ncols=True)
-  # The update compiles (or loads from the cache) while the first rollout runs.
-  update_ready = None
-  if start < tc.num_steps:
-    update_ready = _compile_ahead(jit_update, state, jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh, weak_type=x.weak_type),
-        abstract_rollout, rollout_sh))
+  # The update (and a staged rollout's second jit) compile or load while the first rollout runs.
+  update_ready = _compile_ahead(ahead) if start < tc.num_steps else None
   try:
     t0 = time.time()
     previous = None

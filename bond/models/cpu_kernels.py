@@ -38,6 +38,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -98,9 +99,17 @@ def _compile() -> pathlib.Path:
   return lib
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()   # a stored program's loader (bond/aot.py) may build on a thread
+
+
 def _build() -> str | None:
   """Compiles, loads and registers the FFI targets, once per process; None, or why it failed."""
+  with _BUILD_LOCK:
+    return _build_once()
+
+
+@functools.cache
+def _build_once() -> str | None:
   try:
     lib = ctypes.cdll.LoadLibrary(str(_compile()))
     for target, symbol in ((TARGET, lib.BondBf16Matmul), (BF16_TARGET, lib.BondBf16MatmulBf16),

@@ -725,6 +725,11 @@ def count_params(config: GemmaConfig) -> int:
 
 def logical_axes(config: GemmaConfig):
   """Pytree of logical axis-name tuples matching the params (for `bond.sharding`)."""
+  return param_shapes_and_axes(config)[1]
+
+
+def param_shapes_and_axes(config: GemmaConfig):
+  """(param shapes, their logical axes) from one abstract init (no allocation)."""
   boxed = jax.eval_shape(lambda r: Gemma(config).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
                          jax.random.key(0))
-  return nn.get_partition_spec(boxed)
+  return nn.unbox(boxed), nn.get_partition_spec(boxed)
