@@ -7,16 +7,21 @@ the GIL). `ProgramCache` stores each compiled program itself (`jax.experimental.
 serialize_executable`, as MaxText's `compiled_trainstep_file` does) under a key of everything the
 program is a function of, and loads it (C++, without the GIL) on a rerun:
 
-* the program's name and a fingerprint of the run (`fingerprint`): the config, the arguments'
-  tree structure, shapes, dtypes and shardings, the source of the `bond` package, the installed
-  versions of jax, jaxlib, flax, optax and numpy, JAX's settings, XLA_FLAGS, the devices and the
-  host CPU's features, and the size and mtime of every file the config names. A program's
+* the program's name and a fingerprint of the run (`fingerprint`): the config, the source of the
+  `bond` package, the installed versions of jax, jaxlib, flax, optax and numpy, Python's, JAX's
+  settings, the BOND_* and XLA_* environment variables (BOND_CPU_KERNELS, XLA_FLAGS), the
+  devices and the host CPU's features, the size and mtime of every file the config names, and
+  optionally the tree structure, shapes, dtypes and shardings of given arguments. A program's
   constants come from these (JAX embeds closed-over values in the executable), so any change
-  to them gives a new key and the program is traced again.
+  to them gives a new key and the program is traced again. Code outside the `bond` package is
+  not in the key: a run whose programs close over such code (a reward function patched in from
+  a notebook, say) should set `train.program_cache=False`.
 * A program with host callbacks, effects or kept-alive objects is never stored (as JAX's own
   cache does), and nothing is stored with several processes.
-* A stored program that fails to load or to accept its first call's arguments is traced and
-  compiled as usual, with one log line saying why.
+* A program is stored only from a fresh compilation (`_fresh`, `_lost_code`): XLA:CPU
+  serializes an executable that it had deserialized without its compiled code.
+* A stored program that fails to load or rejects its arguments is traced and compiled as usual
+  (by `jax.jit`), with one log line saying why.
 
 Entries are written atomically (a temporary file renamed into place), so concurrent runs never
 read a partial one; the directory keeps the `MAX_ENTRIES` most recently used.
@@ -27,11 +32,13 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import os
 import pathlib
 import pickle
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -98,8 +105,9 @@ def _named_files(config: dict | list) -> list:
         visit(v)
     elif isinstance(node, str) and node and os.path.exists(os.path.expanduser(node)):
       root = pathlib.Path(os.path.expanduser(node))
-      files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-      for p in files[:1000]:
+      # A directory (an HF checkpoint, say): its first 1000 entries, however large it is.
+      files = [root] if root.is_file() else sorted(itertools.islice(root.rglob("*"), 1000))
+      for p in (f for f in files if f.is_file()):
         st = p.stat()
         out.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
 
@@ -128,7 +136,9 @@ def fingerprint(config, *trees, files=()) -> str:
       "versions": {p: _version(p) for p in _PACKAGES},
       "jax_config": sorted((k, repr(v)) for k, v in jax.config.values.items()
                            if not _UNKEYED_JAX.search(k)),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "environment": sorted((k, v) for k, v in os.environ.items()   # BOND_CPU_KERNELS, XLA_FLAGS
+                            if k.startswith(("BOND_", "XLA_")) and k != "BOND_KERNEL_CACHE"),
+      "python": sys.version,
       "devices": [(d.platform, d.device_kind, d.id, d.process_index) for d in jax.devices()],
       "cpu": _cpu_features(),
       "files": _named_files(keyed) + _named_files([os.fspath(f) for f in files]),

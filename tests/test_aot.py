@@ -124,7 +124,7 @@ def _config(tmp_path):
       "train": {"compilation_cache": str(tmp_path / "cache"), "program_cache": True}})
 
 
-def test_fingerprint_changes_with_what_programs_depend_on(tmp_path):
+def test_fingerprint_changes_with_what_programs_depend_on(tmp_path, monkeypatch):
   config = _config(tmp_path)
   args = ({"w": jnp.ones((2, 3))}, jax.ShapeDtypeStruct((4,), jnp.int32))
   base = aot.fingerprint(config, *args)
@@ -139,6 +139,12 @@ def test_fingerprint_changes_with_what_programs_depend_on(tmp_path):
   changed.append(aot.fingerprint(config, {"v": jnp.ones((2, 3))}, args[1]))       # the tree
   changed.append(aot.fingerprint(config, args[0], jax.ShapeDtypeStruct(
       (4,), jnp.int32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))))
+  with monkeypatch.context() as m:
+    m.setenv("BOND_CPU_KERNELS", "0")                             # the kernels switched off
+    changed.append(aot.fingerprint(config, *args))
+  other_file = tmp_path / "weights.bin"
+  other_file.write_bytes(b"w")
+  changed.append(aot.fingerprint(config, *args, files=[other_file]))  # a file named indirectly
   (tmp_path / DATA).write_text('{"prompt": "a longer prompt"}\n')  # a file the config names
   changed.append(aot.fingerprint(config, *args))
   assert len(set(changed + [base])) == len(changed) + 1
