@@ -1,8 +1,10 @@
 """First step of a config, cold and warm: how long a rerun takes to reach its first step.
 
-Runs `python -m bond.main --config=CONFIG` twice in fresh processes sharing one new persistent
+Runs `python -m bond.main --config=CONFIG` in fresh processes, a pair sharing one new persistent
 compilation cache directory (`train.compilation_cache`, which also holds bond's stored programs,
-bond/aot.py): cold (empty cache), then warm. For each it prints the first step's
+bond/aot.py): cold (empty cache), then warm; then the same pair with
+`train.program_cache=False` in a cache directory of its own (the baseline: JAX's persistent
+cache alone), and the warm runs' ratios. For each it prints the first step's
 `time/elapsed_s` (from the training loop's start, i.e. after loading the model: trace + compile
 or load + the step itself), the time from the process's start to the first step's record ("to
 it": the issue's "first step within 10 s of process start plus model load" compares it minus
@@ -14,7 +16,7 @@ stored programs.
   python benchmarks/first_step.py --config configs/toy_jbond.py
   python benchmarks/first_step.py -- --config.model.scan_layers=True   # extra bond.main flags
   python benchmarks/first_step.py --prefault-gib 6   # the host's memory backed before each run
-  python benchmarks/first_step.py -- --config.train.program_cache=False   # JAX's cache only
+  python benchmarks/first_step.py --no-baseline      # only bond's stored programs
 
 It also prints each run's user and system CPU seconds, and measures how long this host takes to
 first-touch fresh memory (a child touching 512 MiB). On this project's VMs the hypervisor backs
@@ -101,6 +103,8 @@ def main():
   parser.add_argument("--config", default="configs/gemma3_270m_jbond_lora.py")
   parser.add_argument("--prefault-gib", type=float, default=0.0,
                       help="touch this many GiB in a throwaway process right before each run")
+  parser.add_argument("--no-baseline", action="store_true",
+                      help="skip the baseline runs (train.program_cache=False)")
   parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
   parser.add_argument("extra", nargs="*", help="more bond.main flags, after --")
   args = parser.parse_args()
@@ -127,32 +131,48 @@ def main():
   print(f"{'run':>5} {'first step s':>12} {'to it s':>7} {'load s':>6} {'process s':>9} "
         f"{'user s':>7} {'sys s':>6} "
         + " ".join(f"{k + ' s (n)':>16}" for k in EVENTS))
+  warm = {}
   with tempfile.TemporaryDirectory() as tmp:
-    cache = os.path.join(tmp, "cache")
-    for run in ("cold", "warm"):
-      workdir, out = os.path.join(tmp, run), os.path.join(tmp, run + ".json")
-      cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config,
-             "--child-out", out, "--", *args.extra, f"--workdir={workdir}",
-             f"--config.train.compilation_cache={cache}"]
-      if args.prefault_gib:
-        seconds = touch(args.prefault_gib)
-        print(f"      (prefault: {args.prefault_gib:g} GiB touched in {seconds:.1f} s)", flush=True)
-      proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
-      if proc.returncode:
-        sys.exit(f"{run} run failed:\n{proc.stderr[-3000:]}")
-      with open(out) as f:
-        report = json.load(f)
-      with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        first = json.loads(f.readline())["time/elapsed_s"]
-      cells = []
-      for name in EVENTS.values():
-        n, seconds = report["events"].get(name, [0, 0.0])
-        cells.append(f"{seconds:>10.2f} ({n:>3})")
-      print(f"{run:>5} {first:>12.2f} {report['to_first']:>7.2f} {report['load']:>6.2f} "
-            f"{report['wall']:>9.1f} {report['user']:>7.1f} "
-            f"{report['sys']:>6.1f} " + " ".join(cells)
-            + f"   {report['hugepages']}", flush=True)
-
+    # bond's stored programs (the default), then the baseline: JAX's persistent cache alone, in
+    # a cache directory of its own.
+    for variant, flags in (("programs", []), ("jax", ["--config.train.program_cache=False"])):
+      if variant == "jax" and args.no_baseline:
+        break
+      cache = os.path.join(tmp, variant, "cache")
+      for run in ("cold", "warm"):
+        workdir = os.path.join(tmp, variant, run)
+        out = workdir + ".json"
+        cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config,
+               "--child-out", out, "--", *args.extra, *flags, f"--workdir={workdir}",
+               f"--config.train.compilation_cache={cache}"]
+        if args.prefault_gib:
+          seconds = touch(args.prefault_gib)
+          print(f"      (prefault: {args.prefault_gib:g} GiB touched in {seconds:.1f} s)",
+                flush=True)
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+        if proc.returncode:
+          sys.exit(f"{variant} {run} run failed:\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+          report = json.load(f)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+          first = json.loads(f.readline())["time/elapsed_s"]
+        if run == "warm":
+          warm[variant] = (first, report["to_first"] - report["load"])
+        cells = []
+        for name in EVENTS.values():
+          n, seconds = report["events"].get(name, [0, 0.0])
+          cells.append(f"{seconds:>10.2f} ({n:>3})")
+        label = run if variant == "programs" else f"{run}*"
+        print(f"{label:>5} {first:>12.2f} {report['to_first']:>7.2f} {report['load']:>6.2f} "
+              f"{report['wall']:>9.1f} {report['user']:>7.1f} "
+              f"{report['sys']:>6.1f} " + " ".join(cells)
+              + f"   {report['hugepages']}", flush=True)
+  if "jax" in warm:
+    (p_first, p_beyond), (j_first, j_beyond) = warm["programs"], warm["jax"]
+    print(f"* baseline: --config.train.program_cache=False (JAX's persistent cache alone). Warm "
+          f"first step {p_first:.2f} s vs {j_first:.2f} s: {j_first / p_first:.2f}x; process "
+          f"start to first step beyond the model's load {p_beyond:.2f} s vs {j_beyond:.2f} s: "
+          f"{j_beyond / p_beyond:.2f}x")
 
 if __name__ == "__main__":
   main()

@@ -173,8 +173,8 @@ def storable(compiled) -> str | None:
   return None
 
 
-def _device_ids(compiled) -> list[int]:
-  return [d.id for d in compiled._executable._unloaded_executable.device_list]   # pylint: disable=protected-access
+def _devices(compiled) -> list:
+  return list(compiled._executable._unloaded_executable.device_list)   # pylint: disable=protected-access
 
 
 def _lost_code(compiled, serialized: bytes) -> bool:
@@ -185,7 +185,7 @@ def _lost_code(compiled, serialized: bytes) -> bool:
   ... not found". A fresh compilation carries its functions as ELF objects. (A program that
   compiled no function at all, only library calls, is then not stored either: it loses nothing.)
   """
-  platforms = {d.platform for d in compiled._executable._unloaded_executable.device_list}   # pylint: disable=protected-access
+  platforms = {d.platform for d in _devices(compiled)}
   return platforms == {"cpu"} and b"\x7fELF" not in serialized
 
 
@@ -271,7 +271,7 @@ class ProgramCache:
         return False
       targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
       blob = zlib.compress(pickle.dumps(
-          (serialized, in_tree, out_tree, targets, _device_ids(compiled))), 1)
+          (serialized, in_tree, out_tree, targets, [d.id for d in _devices(compiled)])), 1)
       self.directory.mkdir(parents=True, exist_ok=True)
       fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}-", suffix=".tmp")
       with os.fdopen(fd, "wb") as f:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -66,15 +67,20 @@ def _model_dtypes(config) -> dict:
               remat=config.model.remat, scan_layers=config.model.scan_layers)
 
 
+def _checkpoint_path(checkpoint: str) -> str:
+  """model.checkpoint as a path: 'gemma3_270m' is the installed GGUF asset's file."""
+  if checkpoint == "gemma3_270m":
+    from bond import assets
+    return assets.gemma3_270m_gguf_path()
+  return checkpoint
+
+
 def load_model(config, task: toy.ToyTask | None):
   """(GemmaConfig, params) from config.model: toy size, a preset, an HF dir or a GGUF file."""
   mc = config.model
   if mc.checkpoint:
     from bond.models import convert
-    path = mc.checkpoint
-    if path == "gemma3_270m":
-      from bond import assets
-      path = assets.gemma3_270m_gguf_path()
+    path = _checkpoint_path(mc.checkpoint)
     dtypes = _model_dtypes(config)
     load = convert.from_gguf if path.endswith(".gguf") else convert.from_hf
     model_config, params = load(path, dtype=dtypes["dtype"], param_dtype=dtypes["param_dtype"])
@@ -143,8 +149,7 @@ def build(config, held_out: bool = False) -> Experiment:
     return Experiment(model_config, params, table, reward_fn, task=task, eval_prompts=eval_prompts)
   from bond import rewards as rewards_lib
   from bond import tokenizer as tokenizer_lib
-  tok_path = config.tokenizer.path or (
-      _gguf_path() if config.model.checkpoint == "gemma3_270m" else config.model.checkpoint)
+  tok_path = config.tokenizer.path or _checkpoint_path(config.model.checkpoint)
   if not tok_path:
     raise ValueError("tokenizer.path must be set when model.checkpoint is empty and "
                      f"data.source={config.data.source!r} (text data needs a tokenizer)")
@@ -166,11 +171,6 @@ def build(config, held_out: bool = False) -> Experiment:
                                       max_completion_len=config.sampling.max_new_tokens)
   return Experiment(model_config, params, table, reward_fn, tokenizer=tok,
                     eval_prompts=eval_prompts)
-
-
-def _gguf_path() -> str:
-  from bond import assets
-  return assets.gemma3_270m_gguf_path()
 
 
 class _Preemption:
@@ -248,11 +248,10 @@ def _program_cache(config) -> tuple[aot.ProgramCache | None, str]:
   if not directory or jax.process_count() > 1:
     return None, ""
   files = []
-  if config.model.checkpoint == "gemma3_270m":
+  if config.model.checkpoint:   # an asset name is no path: key the file it names
     try:
-      from bond import assets
-      files.append(assets.gemma3_270m_gguf_path())
-    except Exception:   # pylint: disable=broad-except  -- load_model reports it
+      files.append(_checkpoint_path(config.model.checkpoint))
+    except ImportError:   # load_model reports it
       pass
   cache = aot.ProgramCache(directory)
   key = aot.fingerprint(config, files=files)
@@ -280,10 +279,11 @@ def _programs(config, mc, exp: Experiment, state, abstract_batch, state_sh, batc
   rollout_fn = rollout_lib.make_rollout_fn(config, mc, exp.reward_fn)
   update_fn = steps.make_update_fn(config, mc, optimizer)
 
+  batch_sharded = lambda tree: jax.tree.map(   # noqa: E731
+      lambda x: sharding.batch_sharding(mesh, x.ndim), tree)
   abstract_rollout = functools.cache(lambda: jax.eval_shape(rollout_fn, abstract_state,
                                                             batch_args))
-  rollout_sh = functools.cache(lambda: jax.tree.map(
-      lambda x: sharding.batch_sharding(mesh, x.ndim), abstract_rollout()))
+  rollout_sh = functools.cache(lambda: batch_sharded(abstract_rollout()))
 
   def logged_rollout(state, batch):
     # Metric-only passes (π_ref on J-BOND's policy samples) run on the steps that are logged.
@@ -303,8 +303,7 @@ def _programs(config, mc, exp: Experiment, state, abstract_batch, state_sh, batc
 
     abstract_samples = functools.cache(lambda: jax.eval_shape(stages.sample, abstract_state,
                                                               batch_args))
-    samples_sh = functools.cache(lambda: jax.tree.map(
-        lambda x: sharding.batch_sharding(mesh, x.ndim), abstract_samples()))
+    samples_sh = functools.cache(lambda: batch_sharded(abstract_samples()))
 
     sample = program("sample", lambda: jax.jit(
         stages.sample, in_shardings=(state_sh, batch_sh), out_shardings=samples_sh()))
@@ -313,6 +312,7 @@ def _programs(config, mc, exp: Experiment, state, abstract_batch, state_sh, batc
         lambda state, batch, samples, r: stages.finish(state, batch, samples, r,
                                                        _logged(state.step + 1, config)),
         in_shardings=(state_sh, batch_sh, samples_sh(), r_sh), out_shardings=rollout_sh()))
+
     def finish_args():
       samples = with_sh(abstract_samples(), samples_sh())
       b, n = samples.tokens.shape[:2]
@@ -411,7 +411,6 @@ _TB_SCHEMES = {"gs": "google.cloud.storage", "s3": "boto3"}
 def _import_tensorboardx():
   """tensorboardX, imported without importing torch when nothing has yet (its writer imports
   torch only to accept torch tensors; that import is 1.5 s of a rerun's start)."""
-  import sys
   if "tensorboardX" in sys.modules or "torch" in sys.modules:
     return importlib.import_module("tensorboardX")
   sys.modules["torch"] = None   # `import torch` raises ImportError, which tensorboardX allows
