@@ -123,7 +123,8 @@ class Evaluator:
   def _score_impl(self, params, prompts, tokens, mask):
     return rollout_lib.completion_log_probs(self.model_config, params, prompts["prompt_tokens"],
                                             prompts["prompt_mask"], tokens, mask,
-                                            chunk_size=self.config.model.logprob_chunk)
+                                            chunk_size=self.config.model.logprob_chunk,
+                                            share_prompt=rollout_lib.share_prompt(self.config))
 
   def _reward_impl(self, prompts, tokens, mask):
     c, n, t = tokens.shape

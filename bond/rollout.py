@@ -73,7 +73,8 @@ class Rollout:
 
 def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt_tokens: Array,
                          prompt_mask: Array, tokens: Array, mask: Array, *,
-                         chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE) -> Array:
+                         chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE,
+                         share_prompt: bool | None = None) -> Array:
   """log π(y|x) summed over the completion mask: tokens, mask [B, N, T] -> [B, N].
 
   One teacher-forced pass over the B·N rows [x; y], differentiable in params. The vocabulary
@@ -82,12 +83,14 @@ def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt
   or backward, 3x less memory on Gemma 3's 262k vocabulary. chunk_size 0, or a vocabulary of at
   most chunk_size rows (one chunk: nothing to save): through the model's full logits
   (`logprobs.completion_log_probs_full`, the reference; the toy harness's path).
+  share_prompt (chunked path; config key `model.share_prompt`): each prompt runs once with its N
+  completions packed behind it (True), as N rows (False), or whichever costs fewer FLOPs (None).
   """
   if not chunk_size or chunk_size >= model_config.vocab_size:
     return logprobs.completion_log_probs_full(model_config, params, prompt_tokens, prompt_mask,
                                               tokens, mask)
   return logprobs.completion_log_probs(model_config, params, prompt_tokens, prompt_mask, tokens,
-                                       mask, chunk_size=chunk_size)
+                                       mask, chunk_size=chunk_size, share_prompt=share_prompt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,11 @@ def score_samples(reward_fn, batch: dict, samples: Samples, xp=np):
                 xp.asarray(samples.tokens).reshape(b * n, t),
                 xp.asarray(samples.mask).reshape(b * n, t))
   return xp.asarray(r).reshape(b, n)
+
+
+def share_prompt(config) -> bool | None:
+  """`model.share_prompt` ('auto' | 'on' | 'off') as `completion_log_probs`'s share_prompt."""
+  return {"auto": None, "on": True, "off": False}[config.model.get("share_prompt", "auto")]
 
 
 def cpu_kernels(config) -> bool | None:
@@ -161,7 +169,8 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
 
   def logp(params, batch, samples):
     return completion_log_probs(model_config, params, batch["prompt_tokens"], batch["prompt_mask"],
-                                samples.tokens, samples.mask, chunk_size=chunk)
+                                samples.tokens, samples.mask, chunk_size=chunk,
+                                share_prompt=share_prompt(config))
 
   def draw(params, batch, rng, n):
     out = sampling.sample_fn(

@@ -108,7 +108,8 @@ def make_loss_fn(config, model_config: gemma.GemmaConfig, lora: lora_lib.Spec | 
       p = p if lora is None else lora_lib.merge(lora, base, p)
       return rollout_lib.completion_log_probs(model_config, p, rollout.prompt_tokens,
                                               rollout.prompt_mask, samples.tokens, samples.mask,
-                                              chunk_size=config.model.logprob_chunk)
+                                              chunk_size=config.model.logprob_chunk,
+                                              share_prompt=rollout_lib.share_prompt(config))
     # One pass over all of a loss's sample sets where the vocabulary projection is chunked
     # (`objectives._pass`).
     chunk = config.model.logprob_chunk

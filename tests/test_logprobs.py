@@ -302,7 +302,7 @@ def test_config_key_chooses_the_path_everywhere(monkeypatch):
   from bond import rollout
   calls = []
   monkeypatch.setattr(logprobs, "completion_log_probs",
-                      lambda *a, chunk_size: calls.append(("chunked", chunk_size)))
+                      lambda *a, chunk_size, share_prompt: calls.append(("chunked", chunk_size)))
   monkeypatch.setattr(logprobs, "completion_log_probs_full", lambda *a: calls.append("full"))
   big, small = presets.get("gemma3_270m"), presets.get("tiny_gemma3")
   assert big.vocab_size > logprobs.DEFAULT_CHUNK_SIZE > small.vocab_size
@@ -326,24 +326,27 @@ def test_training_step_and_evaluation_use_the_configured_chunk(monkeypatch):
   from configs import toy_jbond
   seen = []
   real = logprobs.completion_log_probs
-  def spy(*args, chunk_size):
-    seen.append(chunk_size)
-    return real(*args, chunk_size=chunk_size)
+  def spy(*args, chunk_size, share_prompt):
+    seen.append((chunk_size, share_prompt))
+    return real(*args, chunk_size=chunk_size, share_prompt=share_prompt)
   monkeypatch.setattr(logprobs, "completion_log_probs", spy)
   losses = {}
-  for chunk in (2, 0):      # the toy vocabulary has 5 tokens: chunks of 2, 2 and 1; 0: full logits
+  # The toy vocabulary has 5 tokens: chunks of 2, 2 and 1, each prompt's samples packed in one row
+  # or not (model.share_prompt); 0: full logits.
+  for chunk, share in ((2, "on"), (2, "off"), (0, "auto")):
     config = toy_jbond.get_config()
-    config.model.logprob_chunk = chunk
+    config.model.logprob_chunk, config.model.share_prompt = chunk, share
     exp = train.build(config, held_out=True)
     optimizer = steps.make_optimizer(config.optim)
     state = steps.init_state(exp.params, optimizer, seed=0)
     step = jax.jit(steps.make_train_step(config, exp.model_config, exp.reward_fn, optimizer))
     _, metrics = step(state, data_lib.get_batch(exp.table, 0, config.data.batch_size, 0))
-    losses[chunk] = float(metrics["loss"])
+    losses[chunk, share] = float(metrics["loss"])
     ev = heldout.Evaluator(config, exp.model_config, exp.reward_fn, exp.eval_prompts)
     ev.load_or_draw_cache(exp.params, None)
-  assert seen and set(seen) == {2}, seen          # chunk 0 never calls the chunked path
-  np.testing.assert_allclose(losses[2], losses[0], rtol=1e-5)
+  assert seen and set(seen) == {(2, True), (2, False)}, seen   # chunk 0: never the chunked path
+  np.testing.assert_allclose(losses[2, "on"], losses[0, "auto"], rtol=1e-5)
+  np.testing.assert_allclose(losses[2, "off"], losses[0, "auto"], rtol=1e-5)
 
 
 def test_a_bf16_table_is_streamed_without_an_f32_copy():
@@ -372,3 +375,130 @@ def test_a_bf16_table_is_streamed_without_an_f32_copy():
   want = jax.nn.logsumexp(jnp.einsum("ND,VD->NV", hidden.astype(jnp.bfloat16), table,
                                      preferred_element_type=jnp.float32), axis=-1)
   np.testing.assert_allclose(jax.jit(ours)(hidden, table), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------- a prompt shared by its samples (packed rows)
+
+def _layered(version: int, dtype=jnp.float32):
+  """tiny_gemma2 (4 layers, local/global, attention soft-cap, final cap CAP) or tiny_gemma3 (6
+  layers, QK norm): windows of 4 keys, so they bite within P + T = 17."""
+  name = {2: "tiny_gemma2", 3: "tiny_gemma3"}[version]
+  extra = dict(final_logit_softcap=CAP) if version == 2 else {}
+  config = presets.get(name, vocab_size=VOCAB, dtype=dtype, param_dtype=jnp.float32, **extra)
+  assert config.sliding_window < P + T and gemma.LOCAL in config.layer_types
+  return config
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_step(config, share):
+  w = _weights()
+
+  def loss(params, batch):
+    lp = logprobs.completion_log_probs(config, params, *batch, chunk_size=64, share_prompt=share)
+    return jnp.sum(w * lp), lp
+
+  @jax.jit
+  def step(params, batch):
+    (value, lp), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+    return lp, value, grads
+  return step.lower(_params(config), _batch()).compile(compiler_options=FAST_COMPILE)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_packed_rows_give_the_separate_rows_log_probs(version):
+  """share_prompt: the B rows [x; y_1; y_2; y_3] give the log-probs of the B·N rows [x; y_n] and
+  their gradient in every param (f32): left-padded prompts, sliding windows that bite, a fully
+  masked completion, completions of lengths 1 to T."""
+  config = _layered(version)
+  params, batch = _params(config), _batch()
+  want_lp, want, want_grads = _shared_step(config, False)(params, batch)
+  got_lp, got, got_grads = _shared_step(config, True)(params, batch)
+  assert float(got_lp[1, 1]) == 0.0
+  assert _max_rel_err(got_lp, want_lp) <= 1e-5, (got_lp, want_lp)
+  assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want_grads)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(got_grads)[0]:
+    assert _max_rel_err(g, flat_want[path]) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_packed_rows_bf16_error_is_the_separate_rows_own():
+  """bf16 compute against the f32 computation: packed rows as close to it as separate rows."""
+  config = _layered(2, jnp.bfloat16)
+  params, batch = _params(config), _batch()
+  truth = _shared_step(_layered(2), False)(params, batch)
+  rows, packed = _shared_step(config, False)(params, batch), _shared_step(config, True)(params, batch)
+  assert _max_rel_err(packed[0], truth[0]) <= 1.5 * _max_rel_err(rows[0], truth[0]) + 1e-6
+  want = dict(jax.tree_util.tree_flatten_with_path(truth[2])[0])
+  theirs = dict(jax.tree_util.tree_flatten_with_path(rows[2])[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(packed[2])[0]:
+    ours, ref = _max_rel_err(g, want[path]), _max_rel_err(theirs[path], want[path])
+    assert ours <= 1.5 * ref + 1e-3, (jax.tree_util.keystr(path), ours, ref)
+
+
+def test_segments_keep_completions_apart():
+  """In a packed row, y_n's hidden states depend on the prompt and y_n only: changing y_2's
+  tokens leaves the prompt's and y_1's, y_3's unchanged bit for bit, and y_2's equal those of
+  its own row [x; y_2]."""
+  config = _layered(3)
+  params = _params(config)
+  prompt, prompt_mask, tokens, mask = _batch()
+  apply = jax.jit(lambda seq, pos, m, seg: gemma.Gemma(config).apply(
+      {"params": params}, seq, pos, m, return_hidden=True, segment_ids=seg))
+  other = tokens.at[:, 1].set((tokens[:, 1] * 7 + 11) % VOCAB)
+  a = apply(*logprobs.packed_rows(prompt, prompt_mask, tokens, mask)[:4])
+  b = apply(*logprobs.packed_rows(prompt, prompt_mask, other, mask)[:4])
+  y2 = slice(P + T, P + 2 * T)
+  np.testing.assert_array_equal(np.delete(np.asarray(a), np.r_[y2], axis=1),
+                                np.delete(np.asarray(b), np.r_[y2], axis=1))
+  assert float(jnp.abs(a[:, y2] - b[:, y2]).max()) > 0.1
+  seq = jnp.concatenate([prompt, tokens[:, 1]], axis=1)
+  seq_mask = jnp.concatenate([prompt_mask, mask[:, 1]], axis=1)
+  own = jax.jit(lambda s, m: gemma.Gemma(config).apply({"params": params}, s, attention_mask=m,
+                                                     return_hidden=True))(seq, seq_mask)
+  real = np.asarray(mask[:, 1])
+  np.testing.assert_allclose(np.asarray(a[:, y2])[real], np.asarray(own[:, P:])[real],
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_segment_ids_need_their_shape_and_no_cache():
+  config = _layered(3)
+  params = _params(config)
+  tokens = jnp.zeros((2, 6), jnp.int32)
+  model = gemma.Gemma(config)
+  with pytest.raises(ValueError, match="segment_ids must be"):
+    model.apply({"params": params}, tokens, segment_ids=jnp.zeros((2, 5), jnp.int32))
+  with pytest.raises(ValueError, match="without a cache"):
+    model.apply({"params": params}, tokens, segment_ids=jnp.zeros((2, 6), jnp.int32),
+                cache=gemma.init_cache(config, 2, 8))
+
+
+def _layer_flops(config, rows, length, segments):
+  """XLA's own count of a teacher-forced pass to the hidden states (the layers)."""
+  tokens = jnp.zeros((rows, length), jnp.int32)
+  seg = jnp.zeros((rows, length), jnp.int32) if segments else None
+  fn = jax.jit(lambda p: gemma.Gemma(config).apply({"params": p}, tokens, return_hidden=True,
+                                                   segment_ids=seg))
+  return fn.lower(gemma.param_shapes(config)).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("p,n,t", [(32, 2, 16), (64, 4, 32), (4, 2, 64), (2, 8, 32)])
+def test_sharing_is_chosen_where_xla_counts_fewer_flops(p, n, t):
+  """`prompt_sharing_pays` (model.share_prompt='auto') picks the layout XLA's cost analysis of
+  the two passes counts clearly cheaper: long prompts packed, many long completions not."""
+  config = presets.get("tiny_gemma3", vocab_size=VOCAB)
+  packed = _layer_flops(config, 1, p + n * t, True)
+  separate = _layer_flops(config, n, p + t, False)
+  assert abs(packed - separate) > 0.1 * separate, (packed, separate)   # not a near tie
+  assert logprobs.prompt_sharing_pays(config, p, n, t) == (packed < separate)
+  assert not logprobs.prompt_sharing_pays(config, p, 1, t)
+
+
+def test_sharing_weighs_attention_above_its_flops():
+  """Gemma 3 270M, 16 samples of 12 + 32 tokens: packing counts fewer FLOPs (XLA's count, the
+  layers), but its [524, 524] attention made the fwd+bwd 1.10x slower than separate rows
+  (benchmarks/shared_prompt.py): auto keeps the rows. With 2 samples it packs."""
+  config = presets.get("gemma3_270m")
+  layers = config.replace(vocab_size=VOCAB)          # XLA's count of the layers alone
+  assert _layer_flops(layers, 1, 12 + 16 * 32, True) < _layer_flops(layers, 16, 12 + 32, False)
+  assert not logprobs.prompt_sharing_pays(config, 12, 16, 32)
+  assert logprobs.prompt_sharing_pays(config, 12, 2, 32)

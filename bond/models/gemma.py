@@ -271,12 +271,16 @@ def rope_tables(config: GemmaConfig, positions: Array) -> RopeTables:
                                                       config.rope_scale_global), config.dtype)}
 
 
-def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | Array | None) -> Array:
+def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | Array | None,
+                   q_seg: Array | None = None, k_seg: Array | None = None) -> Array:
   """[B, T, S] bool: key s visible to query t (causal by position, real keys, optional window;
-  a traced window is allowed)."""
+  a traced window is allowed). With segment ids q_seg [B, T], k_seg [B, S]: a key of segment 0
+  (a shared prefix) is visible to every query, one of segment s >= 1 only to segment s."""
   visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
   if window is not None:
     visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+  if k_seg is not None:
+    visible &= (k_seg[:, None, :] == 0) | (k_seg[:, None, :] == q_seg[:, :, None])
   return visible
 
 
@@ -408,7 +412,8 @@ class Attention(nn.Module):
       (cos, sin), window = rope[LOCAL], cfg.sliding_window
     else:
       (cos, sin), window = rope[GLOBAL], None
-    mask = attention_mask(positions, kv_ctx.k_pos, kv_ctx.k_valid, window)   # [B, T, S]
+    mask = attention_mask(positions, kv_ctx.k_pos, kv_ctx.k_valid, window,   # [B, T, S]
+                          kv_ctx.segments, kv_ctx.segments)
     out, new_cache = self.backend.attention(q, key, value, (cos, sin), cfg.query_scale, kv_ctx,
                                             mask, cfg.attn_logit_softcap, cfg.dtype)
     out = self.backend.dense(self, "attn_vec_einsum", "BTNH,NHD->BTD", out, w_o, cfg.dtype)
@@ -463,12 +468,15 @@ class KVContext:
 
   k_pos, k_valid: [B, S] positions and realness of the keys (shared by all layers).
   layer_cache: this layer's {'k', 'v'} [B, S, K, Hd] or None; index: first slot to write.
+  segments: [B, S] segment ids of the keys, which are also the queries (no cache), or None
+  (`attention_mask`).
   """
 
   k_pos: Array
   k_valid: Array
   layer_cache: Cache | None = None
   index: Array | None = None
+  segments: Array | None = None
 
   def update(self, key: Array, value: Array):
     """Writes key/value [B, T, K, Hd] at `index`; returns the keys [B, S, K, Hd], values, cache.
@@ -534,6 +542,11 @@ class Gemma(nn.Module):
   `default_positions(attention_mask)`. With `cache=` (from `init_cache`), the tokens are
   written at `cache['index']` and `(logits, new_cache)` is returned.
 
+  segment_ids [B, T] int (no cache): several sequences in one row behind a shared prefix.
+  Tokens of segment 0 (the prefix) are visible to every token, those of segment s >= 1 only to
+  segment s; pass each segment's positions (continuing the prefix's). E.g. N completions of one
+  prompt in one row [x; y_1; ...; y_N]: each y_i then sees exactly what it sees in [x; y_i].
+
   backend: how the matmuls and attention run (`Backend`); default plain XLA ops. Pass the
   backend's own variables too: `apply({"params": p, **backend.prepare(p)}, ...)`.
   """
@@ -544,10 +557,13 @@ class Gemma(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
                attention_mask: Array | None = None, cache: Cache | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, segment_ids: Array | None = None):
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if segment_ids is not None and (cache is not None or segment_ids.shape != tokens.shape):
+      raise ValueError(f"segment_ids must be [B, T] = {tokens.shape} and without a cache, got "
+                       f"{segment_ids.shape}{' with a cache' if cache is not None else ''}")
     if attention_mask is None:
       attention_mask = jnp.ones(tokens.shape, jnp.bool_)
     attention_mask = attention_mask.astype(jnp.bool_)
@@ -572,12 +588,13 @@ class Gemma(nn.Module):
     rope = rope_tables(cfg, positions)   # once per call, not per layer
     new_layers = []
     if cache is None and cfg.scan_layers and cfg.num_layers > 1 and not self.is_initializing():
-      x = self._scanned_layers(x, positions, KVContext(k_pos, k_valid), rope)
+      x = self._scanned_layers(x, positions, KVContext(k_pos, k_valid, segments=segment_ids),
+                               rope)
     else:
       block_cls = nn.remat(Block) if cfg.remat else Block
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else cache["layers"][i]
-        ctx = KVContext(k_pos, k_valid, layer_cache, index)
+        ctx = KVContext(k_pos, k_valid, layer_cache, index, segment_ids)
         if self.is_initializing():
           x, layer_new = block_cls(cfg, cfg.layer_type(i), self.backend, name=f"layer_{i}")(
               x, positions, ctx, None, rope)
