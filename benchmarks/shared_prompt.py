@@ -1,9 +1,8 @@
 """Teacher-forced log-probs with each prompt run once (packed rows) vs once per sample.
 
-`bond.logprobs.completion_log_probs(..., share_prompt=True)` runs the B rows [x; y_1; ...; y_N]
-(each completion sees its prompt and itself only: `Gemma.apply(segment_ids=)`) instead of the B·N
-rows [x; y_n]; `model.share_prompt='auto'` picks whichever `prompt_sharing_pays` counts fewer
-FLOPs. For each (prompts, prompt length, samples, new tokens) shape this times, on the same params
+`bond.logprobs.completion_log_probs(..., share_prompt=True)` (the default, `model.share_prompt`)
+runs the B rows [x; y_1; ...; y_N] (each completion attends to its prompt and itself only:
+`Gemma.apply(segments=(P, N))`) instead of the B·N rows [x; y_n]. For each (prompts, prompt length, samples, new tokens) shape this times, on the same params
 and samples, the fwd+bwd of Σ log-probs (what a loss's update pass runs) and the no-grad pass (a
 rollout's or the held-out evaluation's scoring), packed against separate rows, calls alternated so
 a busy spell of the host slows both; f32 params, bf16 compute, vocabulary chunks of 8192. Prints
@@ -76,9 +75,7 @@ def main():
       jax.block_until_ready(programs[key](params))
       return time.perf_counter() - start
 
-    auto = logprobs.prompt_sharing_pays(mc, p, n, t)
-    print(f"{b} prompts x {n} samples, {p} + {t} tokens (auto: {'packed' if auto else 'rows'}; "
-          f"max |log-prob difference| {diff:.3g}):")
+    print(f"{b} prompts x {n} samples, {p} + {t} tokens (max |log-prob difference| {diff:.3g}):")
     for kind in ("grad", "nograd"):
       timed((kind, True)), timed((kind, False))
       pairs = [(timed((kind, True)), timed((kind, False))) for _ in range(args.calls)]

@@ -34,7 +34,6 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "sampling.cpu_kernels": ("auto", "on", "off"),
-    "model.share_prompt": ("auto", "on", "off"),
     "data.source": ("toy", "jsonl", "tfds", "pairs_jsonl"),
     "data.prompt_truncation": ("keep_end", "keep_start"),
     "reward.kind": ("toy", "vader", "length", "model"),

@@ -35,10 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   #                                   rows of the tied embedding (bond/logprobs.py: no [rows, V]
   #                                   logits forward or backward); 0, or a vocabulary of at most
   #                                   this many tokens: through the full logits
-  c.model.share_prompt = "auto"     # chunked log-probs of N completions per prompt: 'on' runs
-  #                                   each prompt once with its N completions packed behind it
-  #                                   (bond/logprobs.py `packed_rows`; the same log-probs), 'off'
-  #                                   the B·N rows [x; y_n]; 'auto' whichever has fewer FLOPs
+  c.model.share_prompt = True       # chunked log-probs of N > 1 completions per prompt: each
+  #                                   prompt through the layers once, its completions behind it
+  #                                   (bond/logprobs.py `packed_rows`; the same log-probs);
+  #                                   False: the B·N rows [x; y_n]
   c.model.init_seed = 0             # seed of the random init (ignored with a checkpoint)
   # LoRA / QLoRA (bond/lora.py): policy and anchor are adapters on one frozen base, which is also
   # the reference. rank 0 = off (full fine-tuning).

@@ -182,8 +182,7 @@ def token_log_probs_chunked(hidden: Array, embedding: Array, targets: Array, *,
 
 def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt_tokens: Array,
                          prompt_mask: Array, tokens: Array, mask: Array, *,
-                         chunk_size: int | None = None,
-                         share_prompt: bool | None = None) -> Array:
+                         chunk_size: int | None = None, share_prompt: bool = True) -> Array:
   """log π(y|x) summed over the completion mask: tokens, mask [B, N, T] -> [B, N].
 
   `bond.rollout.completion_log_probs` without the [B·N, P+T, V] logits: one teacher-forced pass
@@ -191,20 +190,17 @@ def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt
   chunked (`token_log_probs_chunked`). Masked positions contribute 0 (even NaN ones).
   Differentiable in params; the tied embedding gets both the lookup's and the projection's part.
 
-  share_prompt: run the B rows [x; y_1; ...; y_N] (`packed_rows`: each prompt once, its N
-  completions behind it, each seeing the prompt and itself only) instead of the B·N rows
-  [x; y_n]. The same log-probs (the same products; masked keys add exact zeros); fewer token
-  rows through the layers when the prompt is long against the completions. None: whichever
-  `prompt_sharing_pays` estimates is cheaper.
+  share_prompt (N > 1): run the B rows [x; y_1; ...; y_N] (`packed_rows`, `Gemma`'s
+  `segments`: each y_n attends to its prompt and itself) instead of the B·N rows [x; y_n]. The
+  same log-probs, with each prompt through the layers once instead of N times: fewer token rows,
+  and no attention between the completions.
   """
   b, n, t = tokens.shape
   p = prompt_tokens.shape[1]
-  if share_prompt is None:
-    share_prompt = prompt_sharing_pays(model_config, p, n, t)
   if share_prompt and n > 1:
-    seq, positions, seq_mask, segments, at = packed_rows(prompt_tokens, prompt_mask, tokens, mask)
+    seq, positions, seq_mask, at = packed_rows(prompt_tokens, prompt_mask, tokens, mask)
     hidden = gemma.Gemma(model_config).apply(
-        {"params": params}, seq, positions, seq_mask, return_hidden=True, segment_ids=segments)
+        {"params": params}, seq, positions, seq_mask, return_hidden=True, segments=(p, n))
     hidden = hidden[:, at].reshape(b * n * t, -1)
   else:
     seq, seq_mask = _sequences(prompt_tokens, prompt_mask, tokens, mask)
@@ -223,10 +219,10 @@ def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt
 def packed_rows(prompt_tokens: Array, prompt_mask: Array, tokens: Array, mask: Array):
   """Each prompt once with its N completions behind it: the B rows [x; y_1; ...; y_N].
 
-  -> (tokens [B, P+N·T], positions, mask, segment ids (0 on the prompt, n on y_n), `at` [N·T]):
-  y_n's positions continue its prompt's as in the row [x; y_n] (`default_positions`), and
-  `hidden[:, at]` are the hidden states that predict y's tokens, sample-major (the prompt's
-  last one for each y_n's first token). For `Gemma.apply(..., segment_ids=)`.
+  -> (tokens [B, P+N·T], positions, mask, `at` [N·T]): y_n's positions continue its prompt's as
+  in the row [x; y_n] (`default_positions`), and `hidden[:, at]` are the hidden states that
+  predict y's tokens, sample-major (the prompt's last one for each y_n's first token). For
+  `Gemma.apply(..., segments=(P, N))`.
   """
   b, n, t = tokens.shape
   p = prompt_tokens.shape[1]
@@ -239,37 +235,9 @@ def packed_rows(prompt_tokens: Array, prompt_mask: Array, tokens: Array, mask: A
   seq = jnp.concatenate([prompt_tokens, tokens.reshape(b, n * t)], axis=1)
   positions = jnp.concatenate([gemma.default_positions(prompt_mask), y_pos.reshape(b, n * t)], 1)
   seq_mask = jnp.concatenate([prompt_mask, mask.reshape(b, n * t)], axis=1)
-  segments = jnp.concatenate([jnp.zeros((b, p), jnp.int32),
-                              jnp.broadcast_to(jnp.repeat(jnp.arange(1, n + 1, dtype=jnp.int32),
-                                                          t), (b, n * t))], axis=1)
   starts = p + t * jnp.arange(n)[:, None]                       # y_n's first slot
   at = jnp.where(jnp.arange(t) == 0, p - 1, starts + jnp.arange(t) - 1).reshape(n * t)
-  return seq, positions, seq_mask, segments, at
-
-
-# Attention's cost per FLOP against the layers' matmuls: its softmax, mask and their backward are
-# elementwise work over [T, S] per head. Fitted to `python benchmarks/shared_prompt.py [--gguf]`
-# (fwd+bwd, packed vs separate rows at 2-16 samples per prompt; session 20 in RESULTS.md).
-ATTENTION_COST = 3.0
-
-
-def prompt_sharing_pays(model_config: gemma.GemmaConfig, p: int, n: int, t: int) -> bool:
-  """Whether the packed rows [x; y_1..y_N] (B of P + N·T tokens) cost less than the B·N rows
-  [x; y_n] (P + T tokens each): per token and layer the matmuls' FLOPs (2 · the layer's params)
-  plus `ATTENTION_COST` times attention's over the whole row (4 · heads · head_dim · its length:
-  `dot_attention` computes every key's logit, masked or not). The vocabulary projection runs at
-  the same N·T positions either way."""
-  if n < 2:
-    return False
-  c = model_config
-  per_layer = (c.embed_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-               + c.num_heads * c.head_dim * c.embed_dim + 3 * c.embed_dim * c.hidden_dim)
-
-  def cost(rows, length):
-    attention = ATTENTION_COST * 4 * c.num_heads * c.head_dim * length
-    return rows * length * (2 * per_layer + attention)
-
-  return cost(1, p + n * t) < cost(n, p + t)
+  return seq, positions, seq_mask, at
 
 
 def _sequences(prompt_tokens: Array, prompt_mask: Array, tokens: Array, mask: Array):

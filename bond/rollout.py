@@ -74,7 +74,7 @@ class Rollout:
 def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt_tokens: Array,
                          prompt_mask: Array, tokens: Array, mask: Array, *,
                          chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE,
-                         share_prompt: bool | None = None) -> Array:
+                         share_prompt: bool = True) -> Array:
   """log π(y|x) summed over the completion mask: tokens, mask [B, N, T] -> [B, N].
 
   One teacher-forced pass over the B·N rows [x; y], differentiable in params. The vocabulary
@@ -83,8 +83,8 @@ def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt
   or backward, 3x less memory on Gemma 3's 262k vocabulary. chunk_size 0, or a vocabulary of at
   most chunk_size rows (one chunk: nothing to save): through the model's full logits
   (`logprobs.completion_log_probs_full`, the reference; the toy harness's path).
-  share_prompt (chunked path; config key `model.share_prompt`): each prompt runs once with its N
-  completions packed behind it (True), as N rows (False), or whichever costs fewer FLOPs (None).
+  share_prompt (chunked path; config key `model.share_prompt`): each prompt runs through the
+  layers once with its N completions behind it (`logprobs.packed_rows`), or as N rows (False).
   """
   if not chunk_size or chunk_size >= model_config.vocab_size:
     return logprobs.completion_log_probs_full(model_config, params, prompt_tokens, prompt_mask,
@@ -121,9 +121,9 @@ def score_samples(reward_fn, batch: dict, samples: Samples, xp=np):
   return xp.asarray(r).reshape(b, n)
 
 
-def share_prompt(config) -> bool | None:
-  """`model.share_prompt` ('auto' | 'on' | 'off') as `completion_log_probs`'s share_prompt."""
-  return {"auto": None, "on": True, "off": False}[config.model.get("share_prompt", "auto")]
+def share_prompt(config) -> bool:
+  """`model.share_prompt` (default True), `completion_log_probs`'s share_prompt."""
+  return bool(config.model.get("share_prompt", True))
 
 
 def cpu_kernels(config) -> bool | None:

@@ -271,16 +271,12 @@ def rope_tables(config: GemmaConfig, positions: Array) -> RopeTables:
                                                       config.rope_scale_global), config.dtype)}
 
 
-def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | Array | None,
-                   q_seg: Array | None = None, k_seg: Array | None = None) -> Array:
+def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: int | Array | None) -> Array:
   """[B, T, S] bool: key s visible to query t (causal by position, real keys, optional window;
-  a traced window is allowed). With segment ids q_seg [B, T], k_seg [B, S]: a key of segment 0
-  (a shared prefix) is visible to every query, one of segment s >= 1 only to segment s."""
+  a traced window is allowed)."""
   visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
   if window is not None:
     visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-  if k_seg is not None:
-    visible &= (k_seg[:, None, :] == 0) | (k_seg[:, None, :] == q_seg[:, :, None])
   return visible
 
 
@@ -340,10 +336,54 @@ class Backend:
 XLA = Backend()
 
 
-def dot_attention(q: Array, keys: Array, values: Array, mask: Array, softcap: float | None,
-                  dtype: Any, cached: bool) -> Array:
+@flax.struct.dataclass
+class SegmentMask:
+  """The attention mask of rows [x; y_1; ...; y_N] (`Gemma`'s `segments`), by parts: the prefix's
+  queries over its keys [B, P, P], and each segment's queries over the prefix's keys and its own
+  [B·N, T, P + T] (`attention_mask` of the row [x; y_n]). `dot_attention` then attends by parts,
+  never over the other segments' keys."""
+
+  prefix: Array
+  own: Array
+  p: int = flax.struct.field(pytree_node=False)
+  n: int = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def build(cls, positions: Array, valid: Array, window, p: int, n: int) -> "SegmentMask":
+    b, length = positions.shape
+    t = (length - p) // n
+    rep = lambda x: jnp.repeat(x[:, :p], n, axis=0)  # noqa: E731   the prefix, per segment
+    seg = lambda x: x[:, p:].reshape(b * n, t)        # noqa: E731
+    k_pos = jnp.concatenate([rep(positions), seg(positions)], axis=1)
+    k_valid = jnp.concatenate([rep(valid), seg(valid)], axis=1)
+    return cls(attention_mask(positions[:, :p], positions[:, :p], valid[:, :p], window),
+               attention_mask(seg(positions), k_pos, k_valid, window), p, n)
+
+
+def _segment_attention(q: Array, keys: Array, values: Array, mask: SegmentMask,
+                       softcap: float | None, dtype: Any) -> Array:
+  """`dot_attention` of rows [x; y_1; ...; y_N]: the prefix over itself, then each y_n over the
+  prefix's keys (repeated, not recomputed) and its own: the attention of the rows [x; y_n]."""
+  b, length, h, hd = q.shape
+  p, n = mask.p, mask.n
+  t = (length - p) // n
+  prefix = dot_attention(q[:, :p], keys[:, :p], values[:, :p], mask.prefix, softcap, dtype, False)
+
+  def rows(x):   # [B, P + N·T, ...] -> [B·N, P + T, ...]
+    return jnp.concatenate([jnp.repeat(x[:, :p], n, axis=0),
+                            x[:, p:].reshape(b * n, t, *x.shape[2:])], axis=1)
+  own = dot_attention(q[:, p:].reshape(b * n, t, h, hd), rows(keys), rows(values), mask.own,
+                      softcap, dtype, False)
+  return jnp.concatenate([prefix, own.reshape(b, n * t, h, hd)], axis=1)
+
+
+def dot_attention(q: Array, keys: Array, values: Array, mask: Array | SegmentMask,
+                  softcap: float | None, dtype: Any, cached: bool) -> Array:
   """Softmax attention -> [B, T, H, Hd]. q [B, T, H, Hd] (rotated, scaled), keys [B, S, K, Hd],
-  mask [B, T, S]; values [B, S, K, Hd], or [B, K, Hd, S] if `cached` (`init_cache`'s layout)."""
+  mask [B, T, S] (or a `SegmentMask`); values [B, S, K, Hd], or [B, K, Hd, S] if `cached`
+  (`init_cache`'s layout)."""
+  if isinstance(mask, SegmentMask):
+    return _segment_attention(q, keys, values, mask, softcap, dtype)
   b, t, h, hd = q.shape
   k = keys.shape[2]
   q = q.reshape(b, t, k, h // k, hd)
@@ -412,8 +452,10 @@ class Attention(nn.Module):
       (cos, sin), window = rope[LOCAL], cfg.sliding_window
     else:
       (cos, sin), window = rope[GLOBAL], None
-    mask = attention_mask(positions, kv_ctx.k_pos, kv_ctx.k_valid, window,   # [B, T, S]
-                          kv_ctx.segments, kv_ctx.segments)
+    if kv_ctx.segments is None:
+      mask = attention_mask(positions, kv_ctx.k_pos, kv_ctx.k_valid, window)   # [B, T, S]
+    else:
+      mask = SegmentMask.build(positions, kv_ctx.k_valid, window, *kv_ctx.segments)
     out, new_cache = self.backend.attention(q, key, value, (cos, sin), cfg.query_scale, kv_ctx,
                                             mask, cfg.attn_logit_softcap, cfg.dtype)
     out = self.backend.dense(self, "attn_vec_einsum", "BTNH,NHD->BTD", out, w_o, cfg.dtype)
@@ -468,15 +510,14 @@ class KVContext:
 
   k_pos, k_valid: [B, S] positions and realness of the keys (shared by all layers).
   layer_cache: this layer's {'k', 'v'} [B, S, K, Hd] or None; index: first slot to write.
-  segments: [B, S] segment ids of the keys, which are also the queries (no cache), or None
-  (`attention_mask`).
+  segments: (P, N) for rows [x; y_1; ...; y_N] (`Gemma`'s `segments`), or None.
   """
 
   k_pos: Array
   k_valid: Array
   layer_cache: Cache | None = None
   index: Array | None = None
-  segments: Array | None = None
+  segments: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
   def update(self, key: Array, value: Array):
     """Writes key/value [B, T, K, Hd] at `index`; returns the keys [B, S, K, Hd], values, cache.
@@ -542,10 +583,10 @@ class Gemma(nn.Module):
   `default_positions(attention_mask)`. With `cache=` (from `init_cache`), the tokens are
   written at `cache['index']` and `(logits, new_cache)` is returned.
 
-  segment_ids [B, T] int (no cache): several sequences in one row behind a shared prefix.
-  Tokens of segment 0 (the prefix) are visible to every token, those of segment s >= 1 only to
-  segment s; pass each segment's positions (continuing the prefix's). E.g. N completions of one
-  prompt in one row [x; y_1; ...; y_N]: each y_i then sees exactly what it sees in [x; y_i].
+  segments=(P, N) (no cache): each row is a prefix of P tokens then N segments of (T - P) / N,
+  e.g. a prompt and N completions [x; y_1; ...; y_N]. Each segment attends to the prefix and to
+  itself only, so y_n sees what it sees in the row [x; y_n] (pass positions continuing the
+  prefix's in each segment); the prefix runs through the layers once instead of N times.
 
   backend: how the matmuls and attention run (`Backend`); default plain XLA ops. Pass the
   backend's own variables too: `apply({"params": p, **backend.prepare(p)}, ...)`.
@@ -557,13 +598,16 @@ class Gemma(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
                attention_mask: Array | None = None, cache: Cache | None = None,
-               return_hidden: bool = False, segment_ids: Array | None = None):
+               return_hidden: bool = False, segments: tuple[int, int] | None = None):
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
-    if segment_ids is not None and (cache is not None or segment_ids.shape != tokens.shape):
-      raise ValueError(f"segment_ids must be [B, T] = {tokens.shape} and without a cache, got "
-                       f"{segment_ids.shape}{' with a cache' if cache is not None else ''}")
+    if segments is not None:
+      p, n = segments = tuple(int(v) for v in segments)
+      if cache is not None or p < 1 or n < 1 or (tokens.shape[1] - p) % n or tokens.shape[1] <= p:
+        raise ValueError(f"segments=(P, N) needs no cache, P >= 1, N >= 1 and T - P > 0 a "
+                         f"multiple of N; got {segments} for T = {tokens.shape[1]}"
+                         f"{' with a cache' if cache is not None else ''}")
     if attention_mask is None:
       attention_mask = jnp.ones(tokens.shape, jnp.bool_)
     attention_mask = attention_mask.astype(jnp.bool_)
@@ -588,13 +632,13 @@ class Gemma(nn.Module):
     rope = rope_tables(cfg, positions)   # once per call, not per layer
     new_layers = []
     if cache is None and cfg.scan_layers and cfg.num_layers > 1 and not self.is_initializing():
-      x = self._scanned_layers(x, positions, KVContext(k_pos, k_valid, segments=segment_ids),
+      x = self._scanned_layers(x, positions, KVContext(k_pos, k_valid, segments=segments),
                                rope)
     else:
       block_cls = nn.remat(Block) if cfg.remat else Block
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else cache["layers"][i]
-        ctx = KVContext(k_pos, k_valid, layer_cache, index, segment_ids)
+        ctx = KVContext(k_pos, k_valid, layer_cache, index, segments)
         if self.is_initializing():
           x, layer_new = block_cls(cfg, cfg.layer_type(i), self.backend, name=f"layer_{i}")(
               x, positions, ctx, None, rope)
