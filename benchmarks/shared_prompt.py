@@ -21,7 +21,9 @@ import time
 import numpy as np
 
 SHAPES_35M = ((16, 16, 2, 32), (16, 64, 2, 32), (8, 64, 4, 32), (4, 16, 16, 32))
-SHAPES_270M = ((4, 12, 2, 32), (4, 64, 2, 32), (2, 12, 8, 32), (1, 12, 16, 32))
+# 270M: benchmarks/train_step.py's J-BOND update, configs/gemma3_270m_jbond.py's (prompts of up
+# to 32 tokens, 12 new) and its held-out scoring (16 reference samples, 2 prompts a call).
+SHAPES_270M = ((4, 12, 2, 32), (4, 32, 2, 12), (2, 32, 16, 12), (2, 12, 8, 32))
 
 
 def main():

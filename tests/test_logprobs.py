@@ -404,12 +404,12 @@ def _shared_step(config, share):
   return step.lower(_params(config), _batch()).compile(compiler_options=FAST_COMPILE)
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_packed_rows_give_the_separate_rows_log_probs(version):
+@pytest.mark.parametrize("version,scan", [(2, False), (3, False), (3, True)])
+def test_packed_rows_give_the_separate_rows_log_probs(version, scan):
   """share_prompt: the B rows [x; y_1; y_2; y_3] give the log-probs of the B·N rows [x; y_n] and
   their gradient in every param (f32): left-padded prompts, sliding windows that bite, a fully
-  masked completion, completions of lengths 1 to T."""
-  config = _layered(version)
+  masked completion, completions of lengths 1 to T; unrolled layers and one scan over them."""
+  config = _layered(version).replace(scan_layers=scan)
   params, batch = _params(config), _batch()
   want_lp, want, want_grads = _shared_step(config, False)(params, batch)
   got_lp, got, got_grads = _shared_step(config, True)(params, batch)
