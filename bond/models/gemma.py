@@ -338,43 +338,39 @@ XLA = Backend()
 
 @flax.struct.dataclass
 class SegmentMask:
-  """The attention mask of rows [x; y_1; ...; y_N] (`Gemma`'s `segments`), by parts: the prefix's
-  queries over its keys [B, P, P], and each segment's queries over the prefix's keys and its own
-  [B·N, T, P + T] (`attention_mask` of the row [x; y_n]). `dot_attention` then attends by parts,
-  never over the other segments' keys."""
+  """The attention mask of rows [x; y_1; ...; y_N] (`Gemma`'s `segments`): that of the N rows
+  [x; y_n] (`_rows`), mask [B·N, P + T, P + T]. `dot_attention` attends in those rows, so y_n
+  never sees the other segments' keys."""
 
-  prefix: Array
-  own: Array
+  mask: Array
   p: int = flax.struct.field(pytree_node=False)
   n: int = flax.struct.field(pytree_node=False)
 
   @classmethod
   def build(cls, positions: Array, valid: Array, window, p: int, n: int) -> "SegmentMask":
-    b, length = positions.shape
-    t = (length - p) // n
-    rep = lambda x: jnp.repeat(x[:, :p], n, axis=0)  # noqa: E731   the prefix, per segment
-    seg = lambda x: x[:, p:].reshape(b * n, t)        # noqa: E731
-    k_pos = jnp.concatenate([rep(positions), seg(positions)], axis=1)
-    k_valid = jnp.concatenate([rep(valid), seg(valid)], axis=1)
-    return cls(attention_mask(positions[:, :p], positions[:, :p], valid[:, :p], window),
-               attention_mask(seg(positions), k_pos, k_valid, window), p, n)
+    pos = _rows(positions, p, n)
+    return cls(attention_mask(pos, pos, _rows(valid, p, n), window), p, n)
+
+
+def _rows(x: Array, p: int, n: int) -> Array:
+  """[B, P + N·T, ...] -> the rows [x; y_n]: [B·N, P + T, ...] (the prefix repeated N times)."""
+  b, length, rest = x.shape[0], x.shape[1], x.shape[2:]
+  t = (length - p) // n
+  return jnp.concatenate([jnp.repeat(x[:, :p], n, axis=0),
+                          x[:, p:].reshape(b * n, t, *rest)], axis=1)
 
 
 def _segment_attention(q: Array, keys: Array, values: Array, mask: SegmentMask,
                        softcap: float | None, dtype: Any) -> Array:
-  """`dot_attention` of rows [x; y_1; ...; y_N]: the prefix over itself, then each y_n over the
-  prefix's keys (repeated, not recomputed) and its own: the attention of the rows [x; y_n]."""
+  """`dot_attention` of rows [x; y_1; ...; y_N]: one call in the rows [x; y_n], built from the
+  prefix's projections (repeated, not recomputed); the prefix's output is read from the first
+  row. The attention of the separate rows, op for op; only the layers' matmuls see fewer rows."""
   b, length, h, hd = q.shape
   p, n = mask.p, mask.n
   t = (length - p) // n
-  prefix = dot_attention(q[:, :p], keys[:, :p], values[:, :p], mask.prefix, softcap, dtype, False)
-
-  def rows(x):   # [B, P + N·T, ...] -> [B·N, P + T, ...]
-    return jnp.concatenate([jnp.repeat(x[:, :p], n, axis=0),
-                            x[:, p:].reshape(b * n, t, *x.shape[2:])], axis=1)
-  own = dot_attention(q[:, p:].reshape(b * n, t, h, hd), rows(keys), rows(values), mask.own,
-                      softcap, dtype, False)
-  return jnp.concatenate([prefix, own.reshape(b, n * t, h, hd)], axis=1)
+  out = dot_attention(_rows(q, p, n), _rows(keys, p, n), _rows(values, p, n), mask.mask, softcap,
+                      dtype, False).reshape(b, n, p + t, h, hd)
+  return jnp.concatenate([out[:, 0, :p], out[:, :, p:].reshape(b, n * t, h, hd)], axis=1)
 
 
 def dot_attention(q: Array, keys: Array, values: Array, mask: Array | SegmentMask,
