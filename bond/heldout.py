@@ -123,8 +123,7 @@ class Evaluator:
   def _score_impl(self, params, prompts, tokens, mask):
     return rollout_lib.completion_log_probs(self.model_config, params, prompts["prompt_tokens"],
                                             prompts["prompt_mask"], tokens, mask,
-                                            chunk_size=self.config.model.logprob_chunk,
-                                            share_prompt=rollout_lib.share_prompt(self.config))
+                                            **rollout_lib.logprob_options(self.config))
 
   def _reward_impl(self, prompts, tokens, mask):
     c, n, t = tokens.shape

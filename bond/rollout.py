@@ -86,7 +86,7 @@ def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt
   share_prompt (chunked path; config key `model.share_prompt`): each prompt runs through the
   layers once with its N completions behind it (`logprobs.packed_rows`), or as N rows (False).
   """
-  if not chunk_size or chunk_size >= model_config.vocab_size:
+  if not is_chunked(model_config, chunk_size):
     return logprobs.completion_log_probs_full(model_config, params, prompt_tokens, prompt_mask,
                                               tokens, mask)
   return logprobs.completion_log_probs(model_config, params, prompt_tokens, prompt_mask, tokens,
@@ -121,9 +121,16 @@ def score_samples(reward_fn, batch: dict, samples: Samples, xp=np):
   return xp.asarray(r).reshape(b, n)
 
 
-def share_prompt(config) -> bool:
-  """`model.share_prompt` (default True), `completion_log_probs`'s share_prompt."""
-  return bool(config.model.get("share_prompt", True))
+def logprob_options(config) -> dict:
+  """`completion_log_probs`'s keyword options from the config: chunk_size (`model.logprob_chunk`)
+  and share_prompt (`model.share_prompt`, default True). Every teacher-forced pass takes them."""
+  return dict(chunk_size=config.model.logprob_chunk,
+              share_prompt=bool(config.model.get("share_prompt", True)))
+
+
+def is_chunked(model_config: gemma.GemmaConfig, chunk_size: int) -> bool:
+  """Whether `completion_log_probs` takes the chunked path (else the full logits)."""
+  return bool(chunk_size) and chunk_size < model_config.vocab_size
 
 
 def cpu_kernels(config) -> bool | None:
@@ -162,15 +169,14 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
   bc, sc = config.bond, config.sampling
   algorithm = objectives.get_objective(bc.objective)
   num_anchor, num_policy = algorithm.anchor_samples(bc), algorithm.policy_samples(bc)
-  chunk = config.model.logprob_chunk
+  options = logprob_options(config)
   # log π_ref on the policy samples: read by the loss (REINFORCE's KL; a fixed anchor is π_ref),
   # or only by the kl/policy_ref metric.
   ref_for_loss = algorithm.policy_ref_logp or (algorithm.policy_anchor_logp and bc.anchor == "fixed")
 
   def logp(params, batch, samples):
     return completion_log_probs(model_config, params, batch["prompt_tokens"], batch["prompt_mask"],
-                                samples.tokens, samples.mask, chunk_size=chunk,
-                                share_prompt=share_prompt(config))
+                                samples.tokens, samples.mask, **options)
 
   def draw(params, batch, rng, n):
     out = sampling.sample_fn(

@@ -102,18 +102,17 @@ def make_loss_fn(config, model_config: gemma.GemmaConfig, lora: lora_lib.Spec | 
   """`loss_fn(params, rollout, base=None) -> (loss, metrics)`: the registered loss of
   config.bond.objective. With `lora`, params are adapters on the frozen `base` (no gradient)."""
   algorithm = objectives.get_objective(config.bond.objective)
+  options = rollout_lib.logprob_options(config)
 
   def loss_fn(params: Params, rollout: rollout_lib.Rollout, base: Params = None):
     def logp(p, samples):
       p = p if lora is None else lora_lib.merge(lora, base, p)
       return rollout_lib.completion_log_probs(model_config, p, rollout.prompt_tokens,
                                               rollout.prompt_mask, samples.tokens, samples.mask,
-                                              chunk_size=config.model.logprob_chunk,
-                                              share_prompt=rollout_lib.share_prompt(config))
+                                              **options)
     # One pass over all of a loss's sample sets where the vocabulary projection is chunked
     # (`objectives._pass`).
-    chunk = config.model.logprob_chunk
-    logp.one_pass = bool(chunk) and chunk < model_config.vocab_size
+    logp.one_pass = rollout_lib.is_chunked(model_config, options["chunk_size"])
     return algorithm.loss(params, rollout, config.bond, logp)
 
   return loss_fn
