@@ -6,7 +6,8 @@ different weight matrices of one shape, applied in sequence inside one jitted fu
 is read from memory, not cache), in bf16 with f32 accumulation, against `torch.nn.functional.linear`
 on the same shapes, and reports weight streaming rate (GB/s) and GFLOP/s next to the machine's
 memory bandwidth measured in the same run. The middle column is `bond.models.cpu_kernels` (the
-AVX512-BF16 kernel the sampler's decode loop uses where it can), on the same chain.
+kernel the sampler's decode loop uses where it can: on AMX tiles where the CPU has AMX-BF16,
+else AVX512-BF16), on the same chain; with AMX, a last column gives the same kernel on AVX512.
 
   python benchmarks/matmul.py
 """
@@ -77,13 +78,21 @@ def main():
   print(f"{'M':>3} {'K':>5} {'N':>6} | {'XLA GB/s':>8} {'GFLOP/s':>7} | {'kernel GB/s':>11} "
         f"{'GFLOP/s':>7} | {'torch GB/s':>10} {'GFLOP/s':>7} | XLA/kernel torch/kernel")
   rate = lambda t, m, k, n: f"{2 * k * n / t / 1e9:.1f} {2 * m * k * n / t / 1e9:>7.0f}"  # noqa: E731
+  amx = kernel and cpu_kernels.amx()
+  print(f"kernel unit: {'AMX tiles' if amx else 'AVX512-BF16'}"
+        + (" (last column: the same kernel on AVX512-BF16)" if amx else ""))
   for m in (8, 32):
     for k, n in SHAPES:
       t_xla, t_torch = xla_chain(m, k, n), torch_chain(m, k, n)
       t_ker = xla_chain(m, k, n, kernel=True) if kernel else float("nan")
+      extra = ""
+      if amx:
+        cpu_kernels.set_amx(False)
+        extra = f" | avx512 {rate(xla_chain(m, k, n, kernel=True), m, k, n)}"
+        cpu_kernels.set_amx(True)
       print(f"{m:>3} {k:>5} {n:>6} | {rate(t_xla, m, k, n):>16} | {rate(t_ker, m, k, n):>19} | "
-            f"{rate(t_torch, m, k, n):>18} | {t_xla / t_ker:>10.2f} {t_torch / t_ker:>12.2f}",
-            flush=True)
+            f"{rate(t_torch, m, k, n):>18} | {t_xla / t_ker:>10.2f} {t_torch / t_ker:>12.2f}"
+            + extra, flush=True)
 
 
 if __name__ == "__main__":

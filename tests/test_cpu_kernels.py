@@ -1,4 +1,4 @@
-"""The AVX512-BF16 decode kernels against float64 numpy, and the sampler that uses them."""
+"""The AVX512-BF16 / AMX decode kernels against float64 numpy, and the sampler that uses them."""
 
 import functools
 import logging
@@ -16,6 +16,30 @@ from test_sampling import teacher_forced_logprobs, tiny_model
 # CI and dev machines have avx512_bf16: there the kernel must build and run (a failed compile is
 # a test failure, not a silent fallback). Elsewhere only the fallback is checked.
 HAS_KERNEL = cpu_kernels.cpu_has_avx512_bf16()
+
+
+def _cpu_flags() -> set[str]:
+  with open("/proc/cpuinfo") as f:
+    return next((set(line.split()) for line in f if line.startswith("flags")), set())
+
+
+# Intel CPUs with AMX-BF16 (Linux >= 5.16 grants the tiles on request): the matmul kernels run
+# on the tile unit there, and every matmul test runs on both units.
+HAS_AMX = HAS_KERNEL and {"amx_bf16", "amx_tile"} <= _cpu_flags()
+
+
+@pytest.fixture(params=["avx512", "amx"])
+def unit(request):
+  """The matmul kernels' unit for one test: AVX512-BF16, or AMX tiles (skipped without AMX)."""
+  if request.param == "amx" and not HAS_AMX:
+    pytest.skip("needs a CPU with AMX-BF16")
+  assert cpu_kernels.set_amx(request.param == "amx") == (request.param == "amx")
+  yield request.param
+  cpu_kernels.set_amx(True)
+
+
+def test_amx_is_on_exactly_where_the_cpu_has_it():
+  assert cpu_kernels.amx() == HAS_AMX
 
 
 def _bf16(rng, shape, scale=1.0):
@@ -97,8 +121,8 @@ def test_pack_rejects_unsupported_shapes(bad):
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
 @pytest.mark.parametrize("m,k,n", [(1, 2, 32), (3, 64, 96), (8, 512, 1024), (13, 128, 256),
-                                   (40, 2048, 64)])
-def test_matmul_matches_float64(m, k, n):
+                                   (40, 2048, 64), (33, 96, 64), (64, 640, 96)])
+def test_matmul_matches_float64(m, k, n, unit):
   rng = np.random.default_rng(m * k + n)
   x, w = _bf16(rng, (m, k)), _bf16(rng, (k, n))
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)    # exact products of bf16 inputs
@@ -112,7 +136,7 @@ def test_matmul_matches_float64(m, k, n):
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
-def test_matmul_writes_bf16_rounded_as_xla_converts():
+def test_matmul_writes_bf16_rounded_as_xla_converts(unit):
   # The bf16 output is the kernel's own f32 result rounded as XLA's convert rounds it, to nearest
   # even: random rows, and a row of exact ties (1.0078125 * 1.5 = 1.51171875, halfway between
   # two bf16 values; truncation or rounding half up would miss them).
@@ -139,8 +163,8 @@ def _gelu_tanh(x):
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
-@pytest.mark.parametrize("m,k,f", [(1, 64, 16), (8, 512, 2048), (13, 96, 48)])
-def test_geglu_matches_float64(m, k, f):
+@pytest.mark.parametrize("m,k,f", [(1, 64, 16), (8, 512, 2048), (13, 96, 48), (37, 64, 80)])
+def test_geglu_matches_float64(m, k, f, unit):
   rng = np.random.default_rng(m + k + f)
   x, w = _bf16(rng, (m, k)), _bf16(rng, (k, 2, f), 2.0 / np.sqrt(k))   # gate/up values ~ +-2
   gu = np.einsum("mk,kcf->mcf", np.asarray(x, np.float64), np.asarray(w, np.float64))
@@ -152,7 +176,8 @@ def test_geglu_matches_float64(m, k, f):
   # on the other side of a bf16 rounding boundary by chance: nearly all entries are identical,
   # and none is more than 2 bf16 ulps away. (The gelu with 0.05 for 0.044715 fails both.)
   assert np.mean(got == want) > 0.98
-  np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
+  ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 2.0 ** -126))) - 7)   # bf16's, at want
+  assert np.all(np.abs(got - want) <= np.maximum(2 * ulp, 1e-6))
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")

@@ -1,4 +1,4 @@
-// Decode-loop kernels for x86 CPUs with AVX512-BF16, called from JAX through the XLA FFI (see
+// Decode-loop kernels for x86 CPUs with AVX512-BF16 (matmuls on AMX tiles where there are), called from JAX through the XLA FFI (see
 // cpu_kernels.py): a bf16 matmul over pre-packed weights, the same matmul with a GeGLU epilogue,
 // the packing (from bf16 or, rounding on the way, f32 weights), decode attention, the token
 // lookup of a bf16 table and greedy decoding's choice over the logits.
@@ -7,13 +7,17 @@
 //   for each block of 32 output columns, the K rows come as k-pairs, each pair one contiguous 128
 //   bytes (two zmm loads, already in the (k, k+1) interleave `vdpbf16ps` wants). One pass over
 //   W is one sequential stream, and the blocks are split across XLA's intra-op thread pool.
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -76,6 +80,26 @@ inline __m256i ToBf16Bits(__m512 x) {
 // GeGLU of each block's 16 gate and 16 up columns in bf16.
 enum Out { kF32, kBf16, kGeglu };
 
+// Writes row r of a block from its 32 f32 sums a0 (columns 0-15), a1 (16-31): y in f32 or bf16
+// (row stride n), or with kGeglu 16 columns of h (row stride n / 2).
+template <int kOut>
+inline void StoreRow(__m512 a0, __m512 a1, void* out, int64_t r, int64_t n) {
+  if constexpr (kOut == kGeglu) {
+    // As gemma.MLP: gate and up rounded to bf16, gelu(gate) * up rounded to bf16.
+    __m512 h = _mm512_mul_ps(GeluTanh(RoundBf16(a0)), RoundBf16(a1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + r * (n / 2)),
+                        (__m256i)_mm512_cvtneps_pbh(h));
+  } else if constexpr (kOut == kBf16) {
+    uint16_t* y = static_cast<uint16_t*>(out) + r * n;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), ToBf16Bits(a0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + 16), ToBf16Bits(a1));
+  } else {
+    float* y = static_cast<float*>(out);
+    _mm512_storeu_ps(y + r * n, a0);
+    _mm512_storeu_ps(y + r * n + 16, a1);
+  }
+}
+
 // Rows [0, R) of one block: y = x @ W (32 columns, row stride n), or with kGeglu 16 columns of
 // h (row stride n / 2).
 template <int R, int kOut>
@@ -93,35 +117,128 @@ inline void Tile(const uint16_t* x, int64_t k, const uint16_t* w, void* out, int
       a1[r] = _mm512_dpbf16_ps(a1[r], xv, w1);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    if constexpr (kOut == kGeglu) {
-      // As gemma.MLP: gate and up rounded to bf16, gelu(gate) * up rounded to bf16.
-      __m512 h = _mm512_mul_ps(GeluTanh(RoundBf16(a0[r])), RoundBf16(a1[r]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + r * (n / 2)),
-                          (__m256i)_mm512_cvtneps_pbh(h));
-    } else if constexpr (kOut == kBf16) {
-      uint16_t* y = static_cast<uint16_t*>(out) + r * n;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), ToBf16Bits(a0[r]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + 16), ToBf16Bits(a1[r]));
-    } else {
-      float* y = static_cast<float*>(out);
-      _mm512_storeu_ps(y + r * n, a0[r]);
-      _mm512_storeu_ps(y + r * n + 16, a1[r]);
-    }
+  for (int r = 0; r < R; ++r) StoreRow<kOut>(a0[r], a1[r], out, r, n);
+}
+
+// Where row r0 of block b is written (with kGeglu: columns [16 b, 16 b + 16) of h).
+template <int kOut>
+inline void* BlockOut(void* out, int64_t r0, int64_t n, int64_t b) {
+  auto* o16 = static_cast<uint16_t*>(out);
+  return kOut == kGeglu ? static_cast<void*>(o16 + r0 * (n / 2) + b * 16)
+         : kOut == kBf16 ? static_cast<void*>(o16 + r0 * n + b * kCols)
+                         : static_cast<void*>(static_cast<float*>(out) + r0 * n + b * kCols);
+}
+
+// ---- AMX-BF16 tiles (Intel Sapphire Rapids and later), where the CPU and the OS allow ---------
+// The same block on the tile unit: per 32 k values, a tile of up to 16 rows of x (64 bytes a
+// row, straight from x) times two tiles of the packed block (16 k-pairs x 16 columns each: the
+// packed rows are 128 bytes, so each tile reads one half of them with a 128-byte stride; the
+// packed layout is already the tile unit's (k, k+1) interleave), summed into two 16 x 16 f32
+// tiles. Two row groups at a time (8 tiles). The products of bf16 values are exact in f32 on
+// both units; the tile unit sums them in its own order, so the f32 results agree with `Tile`'s
+// to f32 rounding, not bit for bit (both are as close to the float64 sums: tests). The sums then
+// go through `StoreRow` as in `Tile`. 2-4x `Tile`'s GFLOP/s at 8-32 rows (benchmarks/matmul.py).
+
+// -1 not yet known, 0 off (no AMX, the OS refused it, or BOND_AMX=0), 1 on.
+std::atomic<int> amx_state{-1};
+
+bool AmxUsable() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;      // AMX-BF16, AMX-TILE
+  // Linux hands out the tile registers' state per process, on request (ARCH_REQ_XCOMP_PERM for
+  // XFEATURE_XTILEDATA); without it the first tile instruction faults.
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+bool UseAmx() {
+  int state = amx_state.load(std::memory_order_relaxed);
+  if (state < 0) {
+    const char* env = std::getenv("BOND_AMX");
+    state = (env != nullptr && env[0] == '0') ? 0 : AmxUsable() ? 1 : 0;
+    amx_state.store(state, std::memory_order_relaxed);
   }
+  return state == 1;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0, 5 rows of x (top, bottom group); 1, 4 the block's two column halves; 2, 3 and 6, 7
+// the sums of the top and bottom groups. Set on every block: other code on this thread (XLA's
+// own AMX matmuls) may have configured the tiles differently in between.
+__attribute__((target("amx-tile"))) void ConfigureTiles(int top, int bottom) {
+  TileConfig cfg;
+  for (int t : {1, 4}) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  for (int t : {0, 2, 3}) cfg.colsb[t] = 64, cfg.rows[t] = top;
+  if (bottom) for (int t : {5, 6, 7}) cfg.colsb[t] = 64, cfg.rows[t] = bottom;
+  asm volatile("" ::: "memory");   // the whole struct written before ldtilecfg reads it
+  _tile_loadconfig(&cfg);
+}
+
+// `Block` on tiles; k a multiple of 32.
+template <int kOut>
+__attribute__((target("amx-tile,amx-bf16"))) void BlockAmx(const uint16_t* x, const uint16_t* w,
+                                                             void* out, int64_t m, int64_t k,
+                                                             int64_t n, int64_t b) {
+  const uint16_t* wb = w + b * k * kCols;
+  alignas(64) float sums[32 * kCols];
+  void* o = BlockOut<kOut>(out, 0, n, b);
+  int configured = -1;
+  for (int64_t r0 = 0; r0 < m;) {
+    int rows = static_cast<int>(std::min<int64_t>(m - r0, 32));
+    int top = std::min(rows, 16), bottom = rows - top;
+    if (top * 32 + bottom != configured) {
+      ConfigureTiles(top, bottom);
+      configured = top * 32 + bottom;
+    }
+    const uint16_t* xr = x + r0 * k;
+    _tile_zero(2);
+    _tile_zero(3);
+    if (bottom) {
+      _tile_zero(6);
+      _tile_zero(7);
+    }
+    for (int64_t j = 0; j < k; j += 32) {
+      const uint16_t* wj = wb + j * kCols;   // k-pairs j/2 .. j/2 + 15
+      _tile_loadd(1, wj, 2 * kCols * 2);
+      _tile_loadd(4, wj + kCols, 2 * kCols * 2);
+      _tile_loadd(0, xr + j, k * 2);
+      _tile_dpbf16ps(2, 0, 1);
+      _tile_dpbf16ps(3, 0, 4);
+      if (bottom) {
+        _tile_loadd(5, xr + 16 * k + j, k * 2);
+        _tile_dpbf16ps(6, 5, 1);
+        _tile_dpbf16ps(7, 5, 4);
+      }
+    }
+    _tile_stored(2, sums, kCols * 4);
+    _tile_stored(3, sums + 16, kCols * 4);
+    if (bottom) {
+      _tile_stored(6, sums + 16 * kCols, kCols * 4);
+      _tile_stored(7, sums + 16 * kCols + 16, kCols * 4);
+    }
+    for (int r = 0; r < rows; ++r) {
+      StoreRow<kOut>(_mm512_load_ps(sums + r * kCols), _mm512_load_ps(sums + r * kCols + 16), o,
+                     r0 + r, n);
+    }
+    r0 += rows;
+  }
+  _tile_release();
 }
 
 // Output columns [32 b, 32 b + 32) for all m rows (with kGeglu: columns [16 b, 16 b + 16) of h).
 template <int kOut>
 void Block(const uint16_t* x, const uint16_t* w, void* out, int64_t m, int64_t k, int64_t n,
            int64_t b) {
+  if (k % 32 == 0 && UseAmx()) return BlockAmx<kOut>(x, w, out, m, k, n, b);
   const uint16_t* wb = w + b * k * kCols;
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     const uint16_t* xr = x + r0 * k;
-    auto* o16 = static_cast<uint16_t*>(out);
-    void* o = kOut == kGeglu ? static_cast<void*>(o16 + r0 * (n / 2) + b * 16)
-              : kOut == kBf16 ? static_cast<void*>(o16 + r0 * n + b * kCols)
-                              : static_cast<void*>(static_cast<float*>(out) + r0 * n + b * kCols);
+    void* o = BlockOut<kOut>(out, r0, n, b);
     switch (m - r0 >= kRows ? kRows : m - r0) {
       case 8: Tile<8, kOut>(xr, k, wb, o, n); break;
       case 7: Tile<7, kOut>(xr, k, wb, o, n); break;
@@ -723,6 +840,11 @@ ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
 }
 
 }  // namespace
+
+// Whether the matmuls run on AMX tiles (1) or AVX512-BF16 (0); BondSetAmx(0) forces the latter,
+// BondSetAmx(1) the former where the CPU and the OS allow it (tests compare the two).
+extern "C" int BondAmx() { return UseAmx() ? 1 : 0; }
+extern "C" void BondSetAmx(int on) { amx_state.store(on && AmxUsable() ? 1 : 0); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Matmul, Impl,
                               ffi::Ffi::Bind()

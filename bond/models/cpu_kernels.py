@@ -4,7 +4,9 @@ Decode multiplies a few rows (the batch) by every weight matrix, so a step is bo
 the weights stream from memory. XLA:CPU's dots reach about half the machine's bandwidth there
 (benchmarks/RESULTS.md). `cpu_kernels.cc` has these kernels:
   * `matmul`: reads weights pre-packed by `pack` as one sequential stream, split over XLA's
-    intra-op threads, and reaches the bandwidth;
+    intra-op threads, and reaches the bandwidth. On Intel CPUs with AMX-BF16 (where Linux grants
+    the tile registers) the same packed weights go through the AMX tile unit (`amx()`), which at
+    8-64 rows runs 2-4x AVX512-BF16's GFLOP/s; `BOND_AMX=0` keeps AVX512-BF16;
   * `geglu`: the same matmul for the MLP's fused gate/up weight (packed by `pack_geglu`), with
     gelu(gate) * up computed on the accumulators: one op instead of a matmul and an XLA
     elementwise pass that XLA:CPU runs in f32;
@@ -121,9 +123,29 @@ def _build_once() -> str | None:
                            (TAKE_ROWS_TARGET, lib.BondTakeRows),
                            (GREEDY_TARGET, lib.BondGreedy)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+    _LIB.append(lib)
   except Exception as e:  # noqa: BLE001 -- any failure means: the kernels cannot run here
     return f"{BUILD_FAILED}: {e}"
   return None
+
+
+_LIB = []   # the loaded library, once built
+
+
+def amx() -> bool:
+  """Whether the matmul kernels run on the AMX tile unit (Intel CPUs with AMX-BF16, where the OS
+  grants the tiles; `BOND_AMX=0` switches it off) instead of AVX512-BF16. Same products, f32
+  sums; the tile unit streams the weights at rows counts where AVX512 is compute-bound."""
+  return available() and bool(_LIB[0].BondAmx())
+
+
+def set_amx(on: bool) -> bool:
+  """Runs the matmul kernels on AMX tiles (True, where the CPU allows) or AVX512-BF16 (False)
+  from the next call on, in this process; returns `amx()`. For tests and benchmarks."""
+  if not available():
+    return False
+  _LIB[0].BondSetAmx(int(bool(on)))
+  return amx()
 
 
 def build() -> None:
