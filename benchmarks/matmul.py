@@ -75,12 +75,12 @@ def main():
   kernel = cpu_kernels.available()
   if not kernel:
     print("bond.models.cpu_kernels is not available here (needs avx512_bf16): column left empty")
-  print(f"{'M':>3} {'K':>5} {'N':>6} | {'XLA GB/s':>8} {'GFLOP/s':>7} | {'kernel GB/s':>11} "
-        f"{'GFLOP/s':>7} | {'torch GB/s':>10} {'GFLOP/s':>7} | XLA/kernel torch/kernel")
-  rate = lambda t, m, k, n: f"{2 * k * n / t / 1e9:.1f} {2 * m * k * n / t / 1e9:>7.0f}"  # noqa: E731
   amx = kernel and cpu_kernels.amx()
   print(f"kernel unit: {'AMX tiles' if amx else 'AVX512-BF16'}"
         + (" (last column: the same kernel on AVX512-BF16)" if amx else ""))
+  print(f"{'M':>3} {'K':>5} {'N':>6} | {'XLA GB/s':>8} {'GFLOP/s':>7} | {'kernel GB/s':>11} "
+        f"{'GFLOP/s':>7} | {'torch GB/s':>10} {'GFLOP/s':>7} | XLA/kernel torch/kernel")
+  rate = lambda t, m, k, n: f"{2 * k * n / t / 1e9:.1f} {2 * m * k * n / t / 1e9:>7.0f}"  # noqa: E731
   for m in (8, 32):
     for k, n in SHAPES:
       t_xla, t_torch = xla_chain(m, k, n), torch_chain(m, k, n)
