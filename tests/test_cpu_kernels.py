@@ -89,6 +89,12 @@ def test_pack_from_f32_rounds_as_xla_converts(k, n):
   as_bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint16))  # noqa: E731
   np.testing.assert_array_equal(as_bits(jax.jit(cpu_kernels.pack)(w)), want)
   np.testing.assert_array_equal(as_bits(jax.jit(cpu_kernels.pack_transposed)(w.T)), want)
+  # From bf16 (a frozen LoRA base): the FFI's transposed packing, the same bits as the numpy
+  # layout of the bf16 weights (NaNs and infs included), and XLA's transpose not in the program.
+  w16 = w.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(as_bits(jax.jit(cpu_kernels.pack_transposed)(w16.T)), want)
+  hlo = jax.jit(cpu_kernels.pack_transposed).lower(w16.T).as_text()
+  assert cpu_kernels.PACK_TARGET in hlo and "stablehlo.transpose" not in hlo
   with pytest.raises(ValueError, match="cannot pack"):
     cpu_kernels.pack_transposed(jnp.zeros((48, 6)))
 

@@ -315,20 +315,29 @@ inline void Transpose16x16(__m512i r[16]) {
   }
 }
 
-// Block b of the packing of w.T for an f32 w [N, K] (a [V, D] embedding packed as the [D, V]
-// weight of the logits), rounded to bf16: rows 32 b .. 32 b + 31 of w, each a run of K/2
-// (k, k+1) pairs (one 32-bit lane each), become the 32 columns of the block; pair i of row c
-// lands at [i, c]. 16 rows x 16 pairs at a time are transposed in registers, so every store
-// writes 16 consecutive columns (a scatter per row ran at a third of the memory bandwidth).
-void PackBlockTransposedF32(const float* w, uint32_t* out, int64_t k, int64_t b) {
+// `count` (<= 16) consecutive (k, k+1) pairs of a row as 32-bit lanes: f32 rounded to bf16
+// (`Load32Bf16`), bf16 as they are.
+inline __m512i LoadPairs(const float* p, int count) { return Load32Bf16(p, 2 * count); }
+inline __m512i LoadPairs(const uint16_t* p, int count) {
+  return _mm512_maskz_loadu_epi32(count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1), p);
+}
+
+// Block b of the packing of w.T for a w [N, K] (a [V, D] embedding packed as the [D, V]
+// weight of the logits), f32 rounded to bf16 or bf16: rows 32 b .. 32 b + 31 of w, each a run
+// of K/2 (k, k+1) pairs (one 32-bit lane each), become the 32 columns of the block; pair i of
+// row c lands at [i, c]. 16 rows x 16 pairs at a time are transposed in registers, so every
+// store writes 16 consecutive columns (a scatter per row ran at a third of the memory
+// bandwidth).
+template <typename T>
+void PackBlockTransposed(const T* w, uint32_t* out, int64_t k, int64_t b) {
   const int64_t pairs = k / 2;
   uint32_t* ob = out + b * pairs * kCols;
-  const float* block = w + b * kCols * k;
+  const T* block = w + b * kCols * k;
   for (int64_t i = 0; i < pairs; i += 16) {
     const int count = static_cast<int>(pairs - i < 16 ? pairs - i : 16);
     for (int64_t half = 0; half < kCols; half += 16) {
       __m512i r[16];
-      for (int c = 0; c < 16; ++c) r[c] = Load32Bf16(block + (half + c) * k + 2 * i, 2 * count);
+      for (int c = 0; c < 16; ++c) r[c] = LoadPairs(block + (half + c) * k + 2 * i, count);
       Transpose16x16(r);
       for (int j = 0; j < count; ++j) _mm512_storeu_si512(ob + (i + j) * kCols + half, r[j]);
     }
@@ -427,17 +436,25 @@ void PreferHugePages(void* data, size_t bytes) {
   if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
 }
 
-ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w,
+// out = the packing of w [K, N] (or, transposed, of w.T for w [N, K]), bf16.
+ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w, bool transposed,
                     ffi::ResultBuffer<ffi::BF16> out) {
   auto wd = w.dimensions();
-  if (wd.size() != 2 || wd[0] % 2 || wd[1] % kCols) {
-    return ffi::Error::InvalidArgument("bond_bf16_pack: want w [K, N], K even, N % 32 == 0");
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("bond_bf16_pack: want a 2-d w");
+  int64_t k = transposed ? wd[1] : wd[0], n = transposed ? wd[0] : wd[1];
+  if (k % 2 || n % kCols) {
+    return ffi::Error::InvalidArgument("bond_bf16_pack: want K even and N % 32 == 0");
   }
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   auto* op = reinterpret_cast<uint16_t*>(out->typed_data());
-  int64_t k = wd[0], n = wd[1];
   PreferHugePages(op, static_cast<size_t>(k * n) * sizeof(uint16_t));
-  PackAllRows(pool, wp, op, k, n);
+  if (transposed) {
+    RunParallel(pool, n / kCols, [=](int64_t b) {
+      PackBlockTransposed(wp, reinterpret_cast<uint32_t*>(op), k, b);
+    });
+  } else {
+    PackAllRows(pool, wp, op, k, n);
+  }
   return ffi::Error::Success();
 }
 
@@ -456,7 +473,7 @@ ffi::Error PackF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, bool trans
   PreferHugePages(op, static_cast<size_t>(k * n) * sizeof(uint16_t));
   if (transposed) {
     RunParallel(pool, n / kCols, [=](int64_t b) {
-      PackBlockTransposedF32(wp, reinterpret_cast<uint32_t*>(op), k, b);
+      PackBlockTransposed(wp, reinterpret_cast<uint32_t*>(op), k, b);
     });
   } else {
     PackAllRows(pool, wp, op, k, n);
@@ -864,6 +881,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BondBf16Pack, PackImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<bool>("transposed")
                                   .Ret<ffi::Buffer<ffi::BF16>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BondF32Pack, PackF32Impl,

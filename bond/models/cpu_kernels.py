@@ -200,7 +200,7 @@ def pack(w: Array, contract: int = 1) -> Array:
   if available():   # the same permutation as below, about 5x faster than XLA:CPU's transpose
     if w.dtype == jnp.float32:   # and the cast to bf16 in the same pass
       return jax.ffi.ffi_call(PACK_F32_TARGET, out)(w, transposed=False)
-    return jax.ffi.ffi_call(PACK_TARGET, out)(w.astype(jnp.bfloat16))
+    return jax.ffi.ffi_call(PACK_TARGET, out)(w.astype(jnp.bfloat16), transposed=False)
   w = w.astype(jnp.bfloat16)
   return w.reshape(k // 2, 2, n // COLS, COLS).transpose(2, 0, 3, 1)
 
@@ -210,14 +210,16 @@ def pack_transposed(w: Array) -> Array:
 
   From f32 (the training params) the kernel rounds to bf16 and packs in one pass over w, without
   the transposed or bf16 copies that `pack(w.T)` makes (for Gemma 3's 262,144 x 640 embedding,
-  the largest weight, those took most of the sampler's weight preparation).
+  the largest weight, those took most of the sampler's weight preparation); from bf16 (a frozen
+  LoRA base, bf16 inference) it packs in one pass too, without XLA's transposed copy.
   """
   n, k = w.shape
   if not supports(k, n):
     raise ValueError(f"cannot pack a [{n}, {k}] weight transposed: need K even and N a multiple "
                      f"of {COLS}")
-  if available() and w.dtype == jnp.float32:
-    return jax.ffi.ffi_call(PACK_F32_TARGET, jax.ShapeDtypeStruct(
+  if available() and w.dtype in (jnp.float32, jnp.bfloat16):
+    target = PACK_F32_TARGET if w.dtype == jnp.float32 else PACK_TARGET
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(
         (n // COLS, k // 2, COLS, 2), jnp.bfloat16))(w, transposed=True)
   return pack(w.T)
 
