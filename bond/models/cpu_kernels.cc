@@ -1,5 +1,6 @@
-// Decode-loop kernels for x86 CPUs with AVX512-BF16 (matmuls on AMX tiles where there are), called from JAX through the XLA FFI (see
-// cpu_kernels.py): a bf16 matmul over pre-packed weights, the same matmul with a GeGLU epilogue,
+// Decode-loop kernels for x86 CPUs with AVX512-BF16 (the matmuls on AMX tiles where the CPU has
+// them), called from JAX through the XLA FFI (see cpu_kernels.py): a bf16 matmul over pre-packed
+// weights, the same matmul with a GeGLU epilogue,
 // the packing (from bf16 or, rounding on the way, f32 weights), decode attention, the token
 // lookup of a bf16 table and greedy decoding's choice over the logits.
 //

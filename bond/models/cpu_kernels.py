@@ -135,7 +135,7 @@ _LIB = []   # the loaded library, once built
 def amx() -> bool:
   """Whether the matmul kernels run on the AMX tile unit (Intel CPUs with AMX-BF16, where the OS
   grants the tiles; `BOND_AMX=0` switches it off) instead of AVX512-BF16. Same products, f32
-  sums; the tile unit streams the weights at rows counts where AVX512 is compute-bound."""
+  sums; the tile unit streams the weights at row counts where AVX512 is compute-bound."""
   return available() and bool(_LIB[0].BondAmx())
 
 
