@@ -138,12 +138,14 @@ def _compute_params(config: gemma.GemmaConfig, params: Any, packed: Any = None) 
 
 
 def _prefill(config: gemma.GemmaConfig, params: Any, tokens: Array, mask: Array,
-             positions: Array, cache: gemma.Cache, backend=gemma.XLA) -> gemma.Cache:
+             positions: Array, cache: gemma.Cache, backend=gemma.XLA,
+             packed: dict[str, Any] | None = None) -> gemma.Cache:
   """Writes tokens [B, P'] into the cache; the hidden states are not needed (no logits). Given
-  the params only (not its packed weights), a backend runs only its token lookup here."""
+  the params only, a backend runs only its token lookup here; given its `packed` collections
+  too, its matmuls (`backends.packed_prefill`)."""
   _, cache = gemma.Gemma(config, backend=backend).apply(
-      {"params": params}, tokens, positions=positions, attention_mask=mask, cache=cache,
-      return_hidden=True)
+      {"params": params, **(packed or {})}, tokens, positions=positions, attention_mask=mask,
+      cache=cache, return_hidden=True)
   return cache
 
 
@@ -203,7 +205,7 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
   cache = gemma.init_cache(config, b, p - 1 + t)
   if p > 1:
     cache = _prefill(config, params, prompt_tokens[:, :-1], mask[:, :-1], positions[:, :-1], cache,
-                     backend)
+                     backend, packed if backends.packed_prefill(backend) else None)
   cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
 
   r = b * n

@@ -319,6 +319,35 @@ def test_packed_model_matches_the_einsum_model():
   np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), atol=0.02 * scale)
 
 
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+def test_prefill_reads_the_packed_weights_exactly_where_the_kernels_run_on_amx():
+  """The sampler's prompt pass runs its matmuls through the kernels on AMX tiles (fused GeGLUs in
+  the prefill as well as in the decode step), through XLA's dots on AVX512-BF16 alone (the decode
+  step's GeGLUs only); either way the samples' log-probs stay the teacher-forced pass's."""
+  config, params = tiny_model("tiny_gemma3", dtype=jnp.bfloat16)
+  tokens, mask = padded_batch()
+  kw = dict(max_new_tokens=4, num_samples=2, eos_id=None, cpu_kernels=True)
+
+  def geglu_calls(amx):
+    previous = cpu_kernels.amx()
+    cpu_kernels.set_amx(amx)
+    try:
+      assert backends.packed_prefill(backends.CpuKernels()) == (amx and HAS_AMX)
+      text = jax.jit(functools.partial(sampling.sample_fn, config, **kw)).lower(
+          params, tokens, mask, jax.random.key(0)).as_text()
+      out = sampling.sample(config, params, tokens, mask, jax.random.key(1), **kw)
+    finally:
+      cpu_kernels.set_amx(previous)
+    want = teacher_forced_logprobs(config, params, tokens, mask, out)
+    np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=0.1)   # bf16 rounding
+    return text.count(cpu_kernels.GEGLU_TARGET)
+
+  decode_only = geglu_calls(False)
+  assert decode_only >= 1
+  with_prefill = geglu_calls(True)
+  assert with_prefill > decode_only if HAS_AMX else with_prefill == decode_only
+
+
 @pytest.mark.parametrize("name", ["tiny_gemma3", "tiny_gemma2"])   # gemma2: attention softcap
 def test_sampler_uses_the_kernels_in_bf16_and_matches_a_teacher_forced_pass(name):
   config, params = tiny_model(name, dtype=jnp.bfloat16)
