@@ -15,6 +15,8 @@ Here:
     compiler.
   * `select(config, cpu_kernels)`: the backend of the sampler's decode loop. `CpuKernels` where
     the kernels can run, else `gemma.XLA` with one log line saying why.
+  * `packed_prefill(backend)`: whether the sampler's prompt pass reads the packed weights too
+    (where the kernels run on AMX tiles).
 
 Both compute the same numbers up to f32 summation order and bf16 rounding: the kernels round
 where the model rounds (tests/test_cpu_kernels.py checks the log-probs of the same samples under
