@@ -13,7 +13,9 @@ program is a function of, and loads it (C++, without the GIL) on a rerun:
   devices and the host CPU's features, the size and mtime of every file the config names, and
   optionally the tree structure, shapes, dtypes and shardings of given arguments. A program's
   constants come from these (JAX embeds closed-over values in the executable), so any change
-  to them gives a new key and the program is traced again. Code outside the `bond` package is
+  to them gives a new key and the program is traced again. `train.seed` is left out: it reaches
+  the programs only as the state's PRNG key, an argument, so a seed sweep compiles once (a test
+  checks that another seed's loaded programs log what its fresh ones do). Code outside the `bond` package is
   not in the key: a run whose programs close over such code (a reward function patched in from
   a notebook, say) should set `train.program_cache=False`.
 * A program with host callbacks, effects or kept-alive objects is never stored (as JAX's own
@@ -77,10 +79,14 @@ def _cpu_features() -> str:
 
 # Config keys that name where programs are kept, not what they compute.
 _UNKEYED = ("compilation_cache", "program_cache")
+# Config values that reach the loop's programs only as arguments: `train.seed` becomes the
+# state's PRNG key (steps.init_state), never a constant of a program. Runs that differ in them
+# alone (a seed sweep) share their stored programs.
+_ARGUMENTS_ONLY = (("train", "seed"),)
 
 
 def _keyed(config) -> dict:
-  """The config as a dict without `_UNKEYED` keys (at any depth)."""
+  """The config as a dict without `_UNKEYED` keys (at any depth) and `_ARGUMENTS_ONLY` values."""
   tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
   def strip(node):
@@ -88,7 +94,11 @@ def _keyed(config) -> dict:
       return {k: strip(v) for k, v in node.items() if k not in _UNKEYED}
     return node
 
-  return strip(tree)
+  tree = strip(tree)
+  for section, key in _ARGUMENTS_ONLY:
+    if isinstance(tree.get(section), dict):
+      tree[section].pop(key, None)
+  return tree
 
 
 def _named_files(config: dict | list) -> list:

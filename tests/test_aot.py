@@ -153,6 +153,7 @@ def test_fingerprint_changes_with_what_programs_depend_on(tmp_path, monkeypatch)
   key = aot.fingerprint(config, *args)
   moved = ml_collections.ConfigDict(config.to_dict())
   moved.train.compilation_cache = str(tmp_path / "elsewhere")
+  moved.train.seed = 7                  # the seed reaches programs as an argument only
   assert aot.fingerprint(moved, *args) == key
   with jax.log_compiles(True):
     assert aot.fingerprint(config, *args) == key
@@ -179,7 +180,8 @@ def _host_reward(reward_fn):
 def test_rerun_of_a_config_loads_its_programs_and_logs_the_same(tmp_path, monkeypatch, staged):
   """A second run of the same config in a fresh ProgramCache instance traces none of the loop's
   programs (rollout or sample + finish, and update) and logs the same metrics; with
-  train.program_cache=False nothing is stored."""
+  train.program_cache=False nothing is loaded; a run under another seed loads the same programs
+  and logs what that seed's freshly compiled programs log."""
   from configs import toy_jbond
   config = toy_jbond.get_config()
   config.train.update(num_steps=3, log_every=1, checkpoint_every=3)
@@ -214,9 +216,16 @@ def test_rerun_of_a_config_loads_its_programs_and_logs_the_same(tmp_path, monkey
   assert not {"step", "sample", "rollout_fn", "logged_rollout"} & set(traced), traced
   assert second == first and len(first) == 3
 
-  config.train.program_cache = False
+  # Another seed, compiled afresh without the store; then with it: it loads the first seed's
+  # programs (the seed is the state's PRNG key, an argument) and logs what the fresh ones do.
+  config.train.update(seed=1, program_cache=False)
   third_events, third = run("third")
-  assert third == first and third_events.count((aot.LOAD_EVENT, None)) == 0
+  assert third_events.count((aot.LOAD_EVENT, None)) == 0 and len(third) == 3
+  assert third != first
+  config.train.program_cache = True
+  fourth_events, fourth = run("fourth")
+  assert fourth_events.count((aot.LOAD_EVENT, None)) == len(names)
+  assert fourth == third
 
 
 def test_programs_are_kept_in_jax_cache_directory_when_the_config_asks():
