@@ -15,9 +15,9 @@ program is a function of, and loads it (C++, without the GIL) on a rerun:
   constants come from these (JAX embeds closed-over values in the executable), so any change
   to them gives a new key and the program is traced again. `train.seed` is left out: it reaches
   the programs only as the state's PRNG key, an argument, so a seed sweep compiles once (a test
-  checks that another seed's loaded programs log what its fresh ones do). Code outside the `bond` package is
-  not in the key: a run whose programs close over such code (a reward function patched in from
-  a notebook, say) should set `train.program_cache=False`.
+  checks that another seed's loaded programs log what its fresh ones do). Code outside the
+  `bond` package is not in the key: a run whose programs close over such code (a reward
+  function patched in from a notebook, say) should set `train.program_cache=False`.
 * A program with host callbacks, effects or kept-alive objects is never stored (as JAX's own
   cache does), and nothing is stored with several processes.
 * A program is stored only from a fresh compilation (`_fresh`, `_lost_code`): XLA:CPU

@@ -68,11 +68,15 @@ def write_bon(config: ml_collections.ConfigDict, out_path: str) -> int:
   n, mc = config.bond.n, exp.model_config
   kw = _sampling_kw(config)
 
-  def draw(prompt_tokens, prompt_mask, rng, num_samples):
-    return sampling.sample_fn(mc, exp.params, prompt_tokens, prompt_mask, rng,
-                              num_samples=num_samples, **kw)
+  # The params are an argument, not a closed-over constant: XLA would otherwise embed (and
+  # constant-fold through) the whole model in the program.
+  @jax.jit
+  def step(params, pt, pm, rng):
+    def draw(prompt_tokens, prompt_mask, rng, num_samples):
+      return sampling.sample_fn(mc, params, prompt_tokens, prompt_mask, rng,
+                                num_samples=num_samples, **kw)
+    return bon.best_of_n(draw, exp.reward_fn, pt, pm, rng, n)
 
-  step = jax.jit(lambda pt, pm, rng: bon.best_of_n(draw, exp.reward_fn, pt, pm, rng, n))
   decode = None if exp.tokenizer is None else (
       lambda ids: exp.tokenizer.decode(ids, stop_at_eos=True))
   tokens, mask = exp.table.columns["prompt_tokens"], exp.table.columns["prompt_mask"]
@@ -80,7 +84,7 @@ def write_bon(config: ml_collections.ConfigDict, out_path: str) -> int:
   records = []
   for start in range(0, len(tokens), config.data.batch_size):
     pt, pm = (x[start:start + config.data.batch_size] for x in (tokens, mask))
-    result = step(pt, pm, jax.random.fold_in(rng, start))
+    result = step(exp.params, pt, pm, jax.random.fold_in(rng, start))
     records += bon.bon_records(jax.device_get(result), pt, pm, decode)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   count = bon.write_bon_dataset(out_path, records)

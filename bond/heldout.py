@@ -12,6 +12,7 @@ bounded by `eval.chunk_rows` sequences whatever E and K are.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from bond import data as data_lib
 from bond import evaluate
 from bond import rollout as rollout_lib
 from bond import sampling
-from bond.models import gemma
+from bond.models import backends, gemma
 
 REFERENCE_NS = (1, 2, 4, 8, 16, 32)
 # Folded into the run's seed for the reference cache: independent of every training draw.
@@ -88,6 +89,23 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
 
 
+@functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "n", "cpu_kernels"))
+def _draw(params, prompts, rng, *, model_config: gemma.GemmaConfig, max_new_tokens: int, n: int,
+          cpu_kernels: bool):
+  out = sampling.sample_fn(model_config, params, prompts["prompt_tokens"], prompts["prompt_mask"],
+                           rng, max_new_tokens=max_new_tokens, num_samples=n, temperature=1.0,
+                           eos_id=model_config.eos_id, cpu_kernels=cpu_kernels)
+  return out.tokens, out.mask, jnp.sum(out.logprobs, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "chunk_size", "share_prompt"))
+def _score(params, prompts, tokens, mask, *, model_config: gemma.GemmaConfig, chunk_size: int,
+           share_prompt: bool):
+  return rollout_lib.completion_log_probs(model_config, params, prompts["prompt_tokens"],
+                                          prompts["prompt_mask"], tokens, mask,
+                                          chunk_size=chunk_size, share_prompt=share_prompt)
+
+
 class Evaluator:
   """Held-out evaluation for one run (see the module doc)."""
 
@@ -105,25 +123,25 @@ class Evaluator:
     # Prompts per model call: at most eval.chunk_rows sequences of [P + T] tokens.
     self.chunk = min(self.num_prompts,
                      max(1, ec.chunk_rows // max(self.k, self.m * (self.bon or 1))))
-    self._draw = jax.jit(self._draw_impl, static_argnums=(3,))
-    self._score = jax.jit(self._score_impl)
     self._reward = jax.jit(self._reward_impl)
     self.cache: dict[str, np.ndarray] | None = None
 
   # --- jitted pieces (fixed shapes: `chunk` prompts) ---------------------------------------
+  # Sampling and scoring are module-level jits keyed by the model config and static options
+  # (the decode backend resolved here, outside any trace, like `sampling.sample`), so every
+  # Evaluator of the same model in a process (runs in a notebook or a sweep) shares their
+  # compiled programs. The reward is the run's own function, jitted per Evaluator.
 
-  def _draw_impl(self, params, prompts, rng, n):
+  def _draw(self, params, prompts, rng, n):
     """n samples per prompt of the untempered model: tokens, mask [c, n, T], log-probs [c, n]."""
-    out = sampling.sample_fn(self.model_config, params, prompts["prompt_tokens"],
-                             prompts["prompt_mask"], rng, max_new_tokens=self.t, num_samples=n,
-                             temperature=1.0, eos_id=self.model_config.eos_id,
-                             cpu_kernels=rollout_lib.cpu_kernels(self.config))
-    return out.tokens, out.mask, jnp.sum(out.logprobs, axis=-1)
+    kernels = backends.select(self.model_config, rollout_lib.cpu_kernels(self.config)) != gemma.XLA
+    return _draw(params, prompts, rng, model_config=self.model_config, max_new_tokens=self.t,
+                 n=n, cpu_kernels=kernels)
 
-  def _score_impl(self, params, prompts, tokens, mask):
-    return rollout_lib.completion_log_probs(self.model_config, params, prompts["prompt_tokens"],
-                                            prompts["prompt_mask"], tokens, mask,
-                                            **rollout_lib.logprob_options(self.config))
+  def _score(self, params, prompts, tokens, mask):
+    options = rollout_lib.logprob_options(self.config)
+    return _score(params, prompts, tokens, mask, model_config=self.model_config,
+                  chunk_size=int(options["chunk_size"]), share_prompt=options["share_prompt"])
 
   def _reward_impl(self, prompts, tokens, mask):
     c, n, t = tokens.shape

@@ -87,6 +87,24 @@ def test_parity_check_detects_wrong_features(loaded):
     assert err > 1e-2, f"mutation {mutation} went unnoticed (err {err:.2e})"
 
 
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])
+def test_init_params_are_those_of_a_full_init_bit_for_bit(name):
+  """init_params skips the forward pass (lazy_init); the values must be what Gemma.init gives."""
+  from bond.models import presets
+  config = presets.get(name)
+  rng = jax.random.key(7)
+  want = gemma.Gemma(config).init(rng, jnp.zeros((1, 4), jnp.int32))["params"]
+  got = gemma.init_params(config, rng)
+  want = jax.tree.map(np.asarray, gemma.nn.meta.unbox(want))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for path, x in jax.tree_util.tree_leaves_with_path(got):
+    y = want
+    for k in path:
+      y = y[k.key]
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    np.testing.assert_array_equal(np.asarray(x), y, err_msg=str(path))
+
+
 def test_bf16_embedding_lookup_is_exact_and_differentiable():
   # The bf16 table is gathered as uint16 bits (gemma._take_rows); values and gradients must be
   # those of a plain f32 gather of the same numbers.

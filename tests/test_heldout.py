@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -131,6 +132,33 @@ def test_reference_cache_is_drawn_once_and_reused(tmp_path):
   config.train.seed = 1
   other = make().load_or_draw_cache(exp.params, tmp_path)
   assert not np.array_equal(other["tokens"], first["tokens"])
+
+
+def test_evaluators_of_one_model_share_their_compiled_programs(tmp_path):
+  """Runs in one process (a notebook, a sweep, experiments/real.py) compile the evaluation's
+  sampling and scoring once per model and sizes, not once per run."""
+  def evaluate_once(config):
+    exp = train.build(config, held_out=True)
+    ev = heldout.Evaluator(config, exp.model_config, exp.reward_fn, exp.eval_prompts)
+    ev.load_or_draw_cache(exp.params, None)
+    return ev(exp.params, exp.params, jax.random.PRNGKey(0))
+
+  def sizes():
+    return heldout._draw._cache_size(), heldout._score._cache_size()  # pylint: disable=protected-access
+
+  configs = []
+  for make in (toy_jbond.get_config, lambda: toy_baselines.get_config("dpo")):
+    config = make()
+    config.eval.update(num_prompts=8, ref_samples=4, policy_samples=2)
+    configs.append(config)
+  evaluate_once(configs[0])
+  before = sizes()
+  metrics, _ = evaluate_once(configs[1])      # another objective, the same model and sizes
+  assert sizes() == before
+  assert np.isfinite(metrics["eval/reward"])
+  configs[1].eval.policy_samples = 3          # a new shape is a new program
+  evaluate_once(configs[1])
+  assert sizes()[0] == before[0] + 1
 
 
 def test_held_out_slice_is_never_trained_on_and_too_many_prompts_fail():

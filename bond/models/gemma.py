@@ -766,9 +766,13 @@ def _jitted_layer(config: GemmaConfig, layer_type: str | None, backend: Backend,
 
 
 def init_params(config: GemmaConfig, rng: Array, batch_shape: Sequence[int] = (1, 4)):
-  """Random params (unboxed), for tests and toy tasks."""
-  params = Gemma(config).init(rng, jnp.zeros(batch_shape, jnp.int32))["params"]
-  return nn.meta.unbox(params)
+  """Random params (unboxed), for tests and toy tasks.
+
+  `lazy_init`: the initializers run as `init` runs them (the same values, bit for bit), without
+  the forward pass, whose ops would each compile on their own (seconds per process).
+  """
+  params = Gemma(config).lazy_init(rng, jax.ShapeDtypeStruct(tuple(batch_shape), jnp.int32))
+  return nn.meta.unbox(params["params"])
 
 
 def param_shapes(config: GemmaConfig):
