@@ -89,9 +89,13 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "n", "cpu_kernels"))
+@functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "n", "cpu_kernels",
+                                             "backend"))
 def _draw(params, prompts, rng, *, model_config: gemma.GemmaConfig, max_new_tokens: int, n: int,
-          cpu_kernels: bool):
+          cpu_kernels: bool | None, backend: str):
+  """`backend` (the decode backend `cpu_kernels` selects, resolved outside the trace) only keys
+  the compiled program: a change of what can run (BOND_CPU_KERNELS, devices) traces again."""
+  del backend
   out = sampling.sample_fn(model_config, params, prompts["prompt_tokens"], prompts["prompt_mask"],
                            rng, max_new_tokens=max_new_tokens, num_samples=n, temperature=1.0,
                            eos_id=model_config.eos_id, cpu_kernels=cpu_kernels)
@@ -134,9 +138,11 @@ class Evaluator:
 
   def _draw(self, params, prompts, rng, n):
     """n samples per prompt of the untempered model: tokens, mask [c, n, T], log-probs [c, n]."""
-    kernels = backends.select(self.model_config, rollout_lib.cpu_kernels(self.config)) != gemma.XLA
+    option = rollout_lib.cpu_kernels(self.config)
+    # What can run here (True where it cannot raises in the trace, as in `sampling.sample_fn`).
+    backend = type(backends.select(self.model_config, None if option else option)).__name__
     return _draw(params, prompts, rng, model_config=self.model_config, max_new_tokens=self.t,
-                 n=n, cpu_kernels=kernels)
+                 n=n, cpu_kernels=option, backend=backend)
 
   def _score(self, params, prompts, tokens, mask):
     options = rollout_lib.logprob_options(self.config)

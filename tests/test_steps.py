@@ -294,8 +294,9 @@ def test_loss_scores_all_sample_sets_in_one_pass_where_the_head_is_chunked(objec
   from bond import rollout as rollout_lib
   r = runner(objective)
   state, batch = r.init(), r.batch(0)
-  ro = rollout_lib.make_rollout_fn(r.config, r.exp.model_config, r.exp.reward_fn)(
-      state, batch, jax.random.PRNGKey(3), True)
+  # Compiled, not run op by op (the calls are counted at trace time: one trace each).
+  ro = jax.jit(rollout_lib.make_rollout_fn(r.config, r.exp.model_config, r.exp.reward_fn),
+               static_argnums=3)(state, batch, jax.random.PRNGKey(3), True)
   calls = []
   for name in ("completion_log_probs", "completion_log_probs_full"):
     real = getattr(logprobs, name)
@@ -307,7 +308,7 @@ def test_loss_scores_all_sample_sets_in_one_pass_where_the_head_is_chunked(objec
     config.model.logprob_chunk = chunk
     loss_fn = steps.make_loss_fn(config, r.exp.model_config)
     calls.clear()
-    out[chunk] = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ro)
+    out[chunk] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params, ro)
     out[chunk, "calls"] = list(calls)
   b = batch["prompt_tokens"].shape[0]
   t = r.config.sampling.max_new_tokens
@@ -528,6 +529,7 @@ def test_sampling_cpu_kernels_key_reaches_every_sampler_call(monkeypatch):
     seen.append(cpu_kernels)
     return real(*args, **kwargs)              # the toy computes in f32: XLA either way
   monkeypatch.setattr(sampling, "sample_fn", spy)
+  heldout._draw.clear_cache()     # a module-level jit: trace it again, through the spy
   r = runner("jbond")
   for value, expected in (("auto", None), ("on", True), ("off", False)):
     config = canonical_config("jbond")
