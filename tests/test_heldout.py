@@ -146,6 +146,8 @@ def test_evaluators_of_one_model_share_their_compiled_programs(tmp_path):
   def sizes():
     return heldout._draw._cache_size(), heldout._score._cache_size()  # pylint: disable=protected-access
 
+  heldout._draw.clear_cache()       # module-level jits: start from no program whatever ran before
+  heldout._score.clear_cache()
   configs = []
   for make in (toy_jbond.get_config, lambda: toy_baselines.get_config("dpo")):
     config = make()
