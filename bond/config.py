@@ -56,7 +56,7 @@ RANGES = {
     "data.batch_size": (1, None), "data.max_prompt_len": (1, None),
     "optim.lr": (0.0, None), "optim.warmup_steps": (0, None), "optim.grad_clip": (0.0, None),
     "train.num_steps": (0, None), "train.log_every": (1, None),
-    "train.checkpoint_every": (1, None), "train.keep_checkpoints": (1, None),
+    "train.checkpoint_every": (0, None), "train.keep_checkpoints": (1, None),
     "eval.every": (1, None), "eval.num_prompts": (1, None), "eval.ref_samples": (2, None),
     "eval.policy_samples": (1, None), "eval.chunk_rows": (1, None),
     "model.logprob_chunk": (0, None),

@@ -639,7 +639,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       preempted = preemption.reached(done)
       evaluate_now = done % config.eval.every == 0 or done == tc.num_steps
       log = bool(_logged(done, config))
-      save = done % tc.checkpoint_every == 0 or done == tc.num_steps or preempted
+      save = tc.checkpoint_every > 0 and (
+          done % tc.checkpoint_every == 0 or done == tc.num_steps or preempted)
       if log or save:
         _check_finite(finite, done, checkpointer)
       if log:
@@ -659,7 +660,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           _meta(exp, data_step=done, config=config.to_json()))
       if preempted:
         if is_main:
-          print(f"SIGTERM: checkpoint written at step {done}; exiting")
+          print(f"SIGTERM: checkpoint written at step {done}; exiting" if save else
+                f"SIGTERM: stopped at step {done}; train.checkpoint_every=0, so no checkpoint")
         break
   finally:
     bar.close()

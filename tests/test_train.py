@@ -295,11 +295,13 @@ def test_config_changes():
 def test_update_compiles_once_ahead_of_the_first_rollout(tmp_path, monkeypatch):
   """The update program is compiled on the compile-ahead thread while the first rollout runs,
   and the loop's first update call reuses it: one compile of `jit(step)` in the whole run. (A
-  lowering whose abstract rollout lacks the arrays' shardings compiles a second program.)"""
+  lowering whose abstract rollout lacks the arrays' shardings compiles a second program.)
+  The run also has `train.checkpoint_every=0`, which writes no checkpoint, not even the last
+  step's (the loop's other runs here, with it > 0, write theirs)."""
   from jax._src import monitoring
   from configs import toy_jbond
   config = toy_jbond.get_config()
-  config.train.update(num_steps=2, log_every=1, checkpoint_every=2, compilation_cache="")
+  config.train.update(num_steps=2, log_every=1, checkpoint_every=0, compilation_cache="")
   config.eval.sampled = False
   compiles = []
 
@@ -315,3 +317,4 @@ def test_update_compiles_once_ahead_of_the_first_rollout(tmp_path, monkeypatch):
   update = [thread for fun, thread in compiles if fun == "jit(step)"]
   assert update == ["bond-compile-ahead"], compiles
   assert len(records(tmp_path / "run")) == 2
+  assert saved_steps(tmp_path / "run") == []
