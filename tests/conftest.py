@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random HF PyTorch Gemma 1/2/3 models (the reference) and padded batches."""
 
+import collections
 import os
 
 import numpy as np
@@ -100,3 +101,69 @@ def pytest_xdist_make_scheduler(config, log):
       return module if os.path.basename(module) in SHARED_FIXTURE_MODULES else nodeid
 
   return Scheduler(config, log)
+
+
+# ---------------------------------------------------------------------------------------------
+# One compile per distinct program in a test process.
+#
+# Tests build their steps afresh (new closures, new configs), so JAX's own caches, which key on
+# the function, miss, and a worker compiled the same program many times (a compile map of the
+# suite found a fifth of the in-process compile time in exact repeats, e.g. toy J-BOND's
+# train_step four times in four tests). This keeps each executable XLA compiles here under JAX's
+# persistent-cache key of its module (the program text, compile options, devices, backend and
+# XLA flags) and hands it back when the same key compiles again. Nothing is serialized, so no
+# test ever runs a reloaded executable (aot.py's `_lost_code`); programs with host callbacks,
+# which the key does not cover, always compile. A test that counts XLA compiles is marked
+# `fresh_compiles`; BOND_TEST_SHARED_COMPILES=0 turns the sharing off for a whole run.
+
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+_MAX_EXECUTABLES = 1024
+_SHARING = {"on": os.environ.get("BOND_TEST_SHARED_COMPILES", "1") != "0"}
+
+
+def _share_compiled_executables() -> None:
+  from jax._src import cache_key
+  from jax._src import compiler
+
+  compile_ = compiler.compile_or_get_cached
+
+  def compile_or_reuse(backend, computation, devices, compile_options, host_callbacks, *args,
+                       **kwargs):
+    if not _SHARING["on"] or host_callbacks or kwargs.get("pgle_profiler") is not None:
+      return compile_(backend, computation, devices, compile_options, host_callbacks, *args,
+                      **kwargs)
+    try:
+      key = cache_key.get(computation, devices, compile_options, backend)
+    except Exception:  # pylint: disable=broad-except  (JAX's own cache then compiles too)
+      return compile_(backend, computation, devices, compile_options, host_callbacks, *args,
+                      **kwargs)
+    if key in _EXECUTABLES:
+      _EXECUTABLES.move_to_end(key)
+      return _EXECUTABLES[key]
+    executable = compile_(backend, computation, devices, compile_options, host_callbacks, *args,
+                          **kwargs)
+    _EXECUTABLES[key] = executable
+    if len(_EXECUTABLES) > _MAX_EXECUTABLES:
+      _EXECUTABLES.popitem(last=False)
+    return executable
+
+  compiler.compile_or_get_cached = compile_or_reuse
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "fresh_compiles: the test counts XLA compiles, so nothing compiled before it "
+      "is reused while it runs")
+  _share_compiled_executables()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiles(request):
+  if request.node.get_closest_marker("fresh_compiles") is None:
+    yield
+    return
+  before, _SHARING["on"] = _SHARING["on"], False
+  try:
+    yield
+  finally:
+    _SHARING["on"] = before

@@ -292,6 +292,7 @@ def test_config_changes():
   assert train._config_changes(a.to_json(), b) == ["optim.lr: 0.1 -> 0.2"]
 
 
+@pytest.mark.fresh_compiles
 def test_update_compiles_once_ahead_of_the_first_rollout(tmp_path, monkeypatch):
   """The update program is compiled on the compile-ahead thread while the first rollout runs,
   and the loop's first update call reuses it: one compile of `jit(step)` in the whole run. (A
