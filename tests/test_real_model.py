@@ -20,16 +20,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gemma3_270m_jbond_runs_two_steps(tmp_path):
   """Two J-BOND steps through the CLI: finite losses, VADER rewards in [−1, 1], <= 8 new tokens.
 
-  Batch 2 and 8 new tokens, and no checkpoint (`train.checkpoint_every=0`: the final one is
-  4.3 GB, whose write took 70 s of a 172 s run on this project's VM), to keep CI short. The
-  config's own 4 prompts x 12 tokens also run (2 steps: 4.6 min wall on 2 shared cores, peak RSS
-  12 GB). Checkpointing is tested on small models (tests/test_train.py).
+  Batch 2 and 8 new tokens, a held-out evaluation of 4 prompts x 4 reference samples, and no
+  checkpoint (`train.checkpoint_every=0`: the final one is 4.3 GB, whose write took 70 s of a
+  172 s run on this project's VM), to keep CI short. The config's own 4 prompts x 12 tokens also
+  run (2 steps: 4.6 min wall on 2 shared cores, peak RSS 12 GB). Checkpointing is tested on
+  small models (tests/test_train.py).
   """
   proc = subprocess.run(
       [sys.executable, "-m", "bond.main", "--config=configs/gemma3_270m_jbond.py",
        f"--workdir={tmp_path}", "--config.train.num_steps=2", "--config.train.log_every=1",
        "--config.data.batch_size=2", "--config.sampling.max_new_tokens=8",
-       "--config.train.checkpoint_every=0"],
+       "--config.train.checkpoint_every=0", "--config.eval.num_prompts=4",
+       "--config.eval.ref_samples=4"],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
