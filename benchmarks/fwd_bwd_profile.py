@@ -78,7 +78,7 @@ def main():
 
   import sampler      # benchmarks/sampler.py
   import train_step   # benchmarks/train_step.py
-  from bond import defaults, rewards, rollout as rollout_lib, steps
+  from bond import rewards, rollout as rollout_lib, steps
   from bond.models import convert, gemma, presets
 
   if args.gguf:
@@ -93,13 +93,7 @@ def main():
   t = 32
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   mc = mc.replace(eos_id=-1)            # every row has t new tokens, as in train_step.py
-  config = defaults.get_config()
-  config.bond.objective, config.bond.anchor = "jbond", "ema"
-  config.bond.update(beta=train_step.BETA, gamma=train_step.GAMMA, eta=train_step.ETA,
-                     jbond_penalty=train_step.PENALTY)
-  config.model.dtype, config.model.param_dtype = "bfloat16", "float32"
-  config.sampling.max_new_tokens = t
-  config.optim.update(lr=train_step.LR, warmup_steps=0, grad_clip=train_step.CLIP)
+  config = train_step.jbond_config(args.preset, t)
   tokens, _ = sampler.prompts(mc, b, p)
   reward_fn = rewards.bag_of_tokens_reward(train_step.reward_weights(mc.vocab_size))
   optimizer = steps.make_optimizer(config.optim)

@@ -57,6 +57,19 @@ def rss_peak_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
 
 
+def jbond_config(preset: str, new_tokens: int):
+  """bond's config of the benchmarked J-BOND step (the constants above; f32 params, bf16 compute)."""
+  from bond import defaults
+  config = defaults.get_config()
+  config.bond.objective, config.bond.anchor = "jbond", "ema"
+  config.bond.update(beta=BETA, gamma=GAMMA, eta=ETA, jbond_penalty=PENALTY)
+  config.model.preset = preset
+  config.model.dtype, config.model.param_dtype = "bfloat16", "float32"
+  config.sampling.max_new_tokens = new_tokens
+  config.optim.update(lr=LR, warmup_steps=0, grad_clip=CLIP)
+  return config
+
+
 def reward_weights(vocab: int) -> np.ndarray:
   """The bag-of-tokens reward's hidden per-token weights, identical on both sides."""
   return np.random.default_rng(1).normal(size=vocab).astype(np.float32)
@@ -208,15 +221,9 @@ def bond_side(args, model_config, params, tokens, weights, check, torch_child=No
 
   import sampler   # benchmarks/sampler.py (this script's directory is on sys.path)
   from bond import anchor as anchor_lib
-  from bond import defaults, rewards, rollout as rollout_lib, sampling, steps
+  from bond import rewards, rollout as rollout_lib, sampling, steps
 
-  config = defaults.get_config()
-  config.bond.objective, config.bond.anchor = "jbond", "ema"
-  config.bond.update(beta=BETA, gamma=GAMMA, eta=ETA, jbond_penalty=PENALTY)
-  config.model.preset = args.preset
-  config.model.dtype, config.model.param_dtype = "bfloat16", "float32"
-  config.sampling.max_new_tokens = args.new_tokens
-  config.optim.update(lr=LR, warmup_steps=0, grad_clip=CLIP)
+  config = jbond_config(args.preset, args.new_tokens)
   mc = model_config
   sc, b, t = config.sampling, tokens.shape[0], args.new_tokens
   reward_fn = rewards.bag_of_tokens_reward(weights)
