@@ -464,8 +464,10 @@ def _config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[
 def _setup(config):
   """(experiment, mesh, optimizer, initial TrainState placed with its shardings, the shardings).
 
-  With LoRA the state holds the frozen base (sharded like the params) and replicated adapters;
-  `exp.params` is then dropped (the state's base is the model) and `exp.base_id` identifies it.
+  With LoRA the state holds the frozen base (sharded like the params) and replicated adapters,
+  and `exp.base_id` identifies the base. `exp.params` is dropped either way: the state holds
+  the model (a full fine-tuning's `ref_params`, a LoRA base), and the loaded copy would stay
+  alive for the whole run (1.07 GB of f32 on the Gemma 3 270M).
   """
   exp = build(config, held_out=config.eval.sampled)
   spec = lora_lib.spec_from_config(config, exp.model_config)
@@ -479,8 +481,7 @@ def _setup(config):
   params = jax.device_put(exp.params, param_sh)
   state = steps.init_state(params, optimizer, config.train.seed, lora=spec)
   del params
-  if spec is not None:
-    exp.params = None
+  exp.params = None
   state_sh = state_shardings(state, optimizer, mesh, param_sh)
   return exp, mesh, optimizer, jax.device_put(state, state_sh), state_sh
 

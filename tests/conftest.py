@@ -80,12 +80,17 @@ def hf_logits(model, tokens, mask):
   return out.logits.float().numpy()
 
 
-# Modules whose tests share a costly module-scoped fixture (a trained run, a loaded 270M model):
-# under `-n N` each runs whole on one worker, so the fixture is built once rather than once per
-# worker. (xdist's own `--dist loadgroup` marks stopped grouping under pytest 9: it renames node
-# ids through an attribute pytest 9 no longer reads.) Every other test is scheduled on its own.
+# Modules that run whole on one worker under `-n N`: their tests share a costly module-scoped
+# fixture (a trained run, a loaded 270M model), built once rather than once per worker, or compile
+# the same programs (toy J-BOND's step in several tests), which the compile sharing below then
+# compiles once: 91 of the 653 s that eight in-process files spent compiling went to programs
+# the other worker also compiled, 68 s of it within test_steps, test_lora, test_logprobs and
+# test_heldout alone (benchmarks/RESULTS.md, session 26). (xdist's own `--dist loadgroup` marks
+# stopped grouping under pytest 9: it renames node ids through an attribute pytest 9 no longer
+# reads.) Every other test is scheduled on its own.
 SHARED_FIXTURE_MODULES = ("test_gguf.py", "test_multihost.py", "test_notebooks.py",
-                          "test_train.py")
+                          "test_train.py", "test_steps.py", "test_lora.py", "test_logprobs.py",
+                          "test_heldout.py")
 
 
 @pytest.hookimpl(optionalhook=True)    # only called under pytest-xdist
