@@ -120,10 +120,18 @@ def pytest_xdist_make_scheduler(config, log):
 # test ever runs a reloaded executable (aot.py's `_lost_code`); programs with host callbacks,
 # which the key does not cover, always compile. A test that counts XLA compiles is marked
 # `fresh_compiles`; BOND_TEST_SHARED_COMPILES=0 turns the sharing off for a whole run.
+#
+# Test files marked `quick_compiles` (their tests compile much and run little) compile with
+# XLA's backend (LLVM) optimization level 0 and its expensive LLVM passes off, as JAX's
+# `jax_disable_most_optimizations` does: the same HLO passes, quicker codegen, slower code (and
+# rounding that may differ in the last bits, e.g. without fused multiply-adds). Measured per
+# file (benchmarks/RESULTS.md, session 27): compile-bound files took 10-40% less time; files
+# that run hundreds of toy steps took 40-70% more, so they are not marked.
 
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 _MAX_EXECUTABLES = 1024
 _SHARING = {"on": os.environ.get("BOND_TEST_SHARED_COMPILES", "1") != "0"}
+_QUICK_COMPILES = {"on": False}
 
 
 def _share_compiled_executables() -> None:
@@ -134,6 +142,10 @@ def _share_compiled_executables() -> None:
 
   def compile_or_reuse(backend, computation, devices, compile_options, host_callbacks, *args,
                        **kwargs):
+    if _QUICK_COMPILES["on"]:    # before the key, which covers the compile options
+      debug_options = compile_options.executable_build_options.debug_options
+      debug_options.xla_backend_optimization_level = 0
+      debug_options.xla_llvm_disable_expensive_passes = True
     if not _SHARING["on"] or host_callbacks or kwargs.get("pgle_profiler") is not None:
       return compile_(backend, computation, devices, compile_options, host_callbacks, *args,
                       **kwargs)
@@ -159,7 +171,20 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "fresh_compiles: the test counts XLA compiles, so nothing compiled before it "
       "is reused while it runs")
+  config.addinivalue_line(
+      "markers", "quick_compiles: compile at XLA's backend optimization level 0 (the test "
+      "compiles much and runs little)")
   _share_compiled_executables()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):    # pylint: disable=unused-argument
+  """Sets `quick_compiles` for the test's setup (its module fixtures too), call and teardown."""
+  _QUICK_COMPILES["on"] = item.get_closest_marker("quick_compiles") is not None
+  try:
+    yield
+  finally:
+    _QUICK_COMPILES["on"] = False
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,9 @@ from jax import monitoring
 from bond import aot
 from bond import train
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 DATA = "data.jsonl"
 
 

@@ -21,6 +21,9 @@ import scipy.special
 
 from bond import bon, objectives, toy
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 # ---------------------------------------------------------------------------------------------
 # Independent NumPy references.
 

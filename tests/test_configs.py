@@ -21,6 +21,9 @@ from bond.models import convert, presets
 from configs import default
 from test_cli import char_tokenizer
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                if not p.endswith("__init__.py"))

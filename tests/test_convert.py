@@ -12,6 +12,9 @@ from safetensors.numpy import load_file, save_file
 from bond.models import convert, gemma, presets
 from conftest import build_hf_model, hf_config, hf_logits, padded_batch
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 
 def ours(config, params, tokens, mask):
   return np.asarray(gemma.Gemma(config).apply({"params": params}, jnp.asarray(tokens),

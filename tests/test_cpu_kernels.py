@@ -13,6 +13,9 @@ from bond.models import backends, cpu_kernels, gemma
 from conftest import padded_batch
 from test_sampling import teacher_forced_logprobs, tiny_model
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 # CI and dev machines have avx512_bf16: there the kernel must build and run (a failed compile is
 # a test failure, not a silent fallback). Elsewhere only the fallback is checked.
 HAS_KERNEL = cpu_kernels.cpu_has_avx512_bf16()

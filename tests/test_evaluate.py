@@ -22,6 +22,9 @@ from scipy import special
 
 from bond import bon, evaluate, toy
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 Z = 4.0            # agreement within Z standard errors
 REPS = 64          # replicas of each toy prompt: B = 4 * REPS
 N = 4              # the target N of the `_n` metrics

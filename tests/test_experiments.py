@@ -15,6 +15,9 @@ import pytest
 
 from experiments import real
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -8,6 +8,9 @@ import pytest
 from bond.models import convert, gemma
 from conftest import hf_logits, padded_batch
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 
 @pytest.fixture(scope="module")
 def loaded(hf_model_dir):

@@ -12,7 +12,8 @@ from bond.models import convert, gemma
 from bond.tokenizer import Tokenizer
 from conftest import hf_logits
 
-pytestmark = pytest.mark.slow
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = [pytest.mark.slow, pytest.mark.quick_compiles]
 
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little",
            "def fibonacci(n):\n  "]

@@ -20,6 +20,9 @@ import pytest
 from bond import logprobs, objectives
 from bond.models import gemma, presets
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 B, N, P, T = 2, 3, 5, 12     # rows = B·N·T = 72 > D = 64: a [rows, V] array outgrows E [V, D]
 VOCAB = 250                  # no chunk size below (64, 96) divides it
 CAP = 5.0

@@ -23,6 +23,9 @@ from bond import rollout as rollout_lib
 from bond.models import convert, gemma, presets
 from configs import toy_jbond, toy_jbond_lora
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 ALL = "embed,attn,mlp"
 
 

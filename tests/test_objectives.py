@@ -17,6 +17,9 @@ import scipy.stats
 
 from bond import bon, objectives, toy
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 RNG = np.random.default_rng(0)
 
 

@@ -17,6 +17,9 @@ from bond import sampling
 from bond.models import convert, gemma, presets
 from conftest import padded_batch
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 NEW = 10          # > sliding window 4 of the tiny models, so decode runs past the window
 
 

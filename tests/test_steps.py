@@ -28,6 +28,9 @@ from bond import data as data_lib
 from bond import lora, sharding, steps, toy, train
 from configs import toy_jbond
 
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
+
 SWAP_EVERY = 2
 
 
