@@ -128,6 +128,10 @@ def pytest_xdist_make_scheduler(config, log):
 # file (benchmarks/RESULTS.md, session 27): compile-bound files took 10-40% less time; files
 # that run hundreds of toy steps took 40-70% more, so they are not marked.
 
+# The same for a test's subprocess (its XLA_FLAGS), where its runs compile much and run little.
+QUICK_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
+                           "--xla_llvm_disable_expensive_passes=true")
+
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 _MAX_EXECUTABLES = 1024
 _SHARING = {"on": os.environ.get("BOND_TEST_SHARED_COMPILES", "1") != "0"}

@@ -12,6 +12,10 @@ from nbclient import NotebookClient
 
 from bond import train
 from configs import toy_baselines, toy_jbond
+from conftest import QUICK_COMPILE_XLA_FLAGS
+
+# Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
+pytestmark = pytest.mark.quick_compiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
@@ -40,6 +44,7 @@ def workdirs(tmp_path_factory):
 
 
 def execute(name: str, env: dict[str, str], monkeypatch) -> nbformat.NotebookNode:
+  monkeypatch.setenv("XLA_FLAGS", QUICK_COMPILE_XLA_FLAGS)    # the kernel's
   for key, value in env.items():
     monkeypatch.setenv(key, value)
   nb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)

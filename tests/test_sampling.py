@@ -15,7 +15,7 @@ import scipy.stats
 
 from bond import sampling
 from bond.models import convert, gemma, presets
-from conftest import padded_batch
+from conftest import QUICK_COMPILE_XLA_FLAGS, padded_batch
 
 # Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
 pytestmark = pytest.mark.quick_compiles
@@ -317,7 +317,8 @@ print("ok", len(jax.devices()))
 
 
 def test_batch_sharded_on_a_data_mesh_gives_the_same_samples():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  env = {**os.environ,
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {QUICK_COMPILE_XLA_FLAGS}",
          "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
   run = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
                        timeout=300)

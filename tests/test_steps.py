@@ -27,6 +27,7 @@ import pytest
 from bond import data as data_lib
 from bond import lora, sharding, steps, toy, train
 from configs import toy_jbond
+from conftest import QUICK_COMPILE_XLA_FLAGS
 
 # Compiles much and runs little: XLA's quicker codegen (tests/conftest.py, `quick_compiles`).
 pytestmark = pytest.mark.quick_compiles
@@ -159,7 +160,8 @@ def _sharding_worker() -> None:
 @pytest.mark.slow
 def test_sharded_step_matches_one_device():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {QUICK_COMPILE_XLA_FLAGS}",
              PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
                         capture_output=True, text=True, timeout=600)
