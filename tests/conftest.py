@@ -126,7 +126,7 @@ def pytest_xdist_make_scheduler(config, log):
 # `jax_disable_most_optimizations` does: the same HLO passes, quicker codegen, slower code (and
 # rounding that may differ in the last bits, e.g. without fused multiply-adds). Measured per
 # file (benchmarks/RESULTS.md, session 27): compile-bound files took 10-40% less time; files
-# that run hundreds of toy steps took 40-70% more, so they are not marked.
+# that run hundreds of toy steps or a real model took 20-70% more, so they are not marked.
 
 # The same for a test's subprocess (its XLA_FLAGS), where its runs compile much and run little.
 QUICK_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "

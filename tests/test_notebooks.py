@@ -44,7 +44,8 @@ def workdirs(tmp_path_factory):
 
 
 def execute(name: str, env: dict[str, str], monkeypatch) -> nbformat.NotebookNode:
-  monkeypatch.setenv("XLA_FLAGS", QUICK_COMPILE_XLA_FLAGS)    # the kernel's
+  monkeypatch.setenv("XLA_FLAGS",    # the kernel's
+                     f"{os.environ.get('XLA_FLAGS', '')} {QUICK_COMPILE_XLA_FLAGS}".strip())
   for key, value in env.items():
     monkeypatch.setenv(key, value)
   nb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
