@@ -135,7 +135,7 @@ QUICK_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 _MAX_EXECUTABLES = 1024
 _SHARING = {"on": os.environ.get("BOND_TEST_SHARED_COMPILES", "1") != "0"}
-_QUICK_COMPILES = {"on": False}
+_QUICK_COMPILES = {"on": False, "last": False}
 
 
 def _share_compiled_executables() -> None:
@@ -183,8 +183,20 @@ def pytest_configure(config):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):    # pylint: disable=unused-argument
-  """Sets `quick_compiles` for the test's setup (its module fixtures too), call and teardown."""
-  _QUICK_COMPILES["on"] = item.get_closest_marker("quick_compiles") is not None
+  """Sets `quick_compiles` for the test's setup (its module fixtures too), call and teardown.
+
+  Where it changes, JAX's own caches (jit and op-by-op dispatch, keyed without the compile
+  options) are cleared, so no test runs an executable compiled at the other level: the two
+  may round differently, and a test that compares two computations bit for bit must see both
+  at its own level. Compiles after the clear still reuse this file's shared executables (their
+  key covers the level), so only tracing and lowering run again.
+  """
+  quick = item.get_closest_marker("quick_compiles") is not None
+  if quick != _QUICK_COMPILES["last"]:
+    import jax
+    jax.clear_caches()
+    _QUICK_COMPILES["last"] = quick
+  _QUICK_COMPILES["on"] = quick
   try:
     yield
   finally:
