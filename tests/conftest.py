@@ -128,9 +128,12 @@ def pytest_xdist_make_scheduler(config, log):
 # file (benchmarks/RESULTS.md, session 27): compile-bound files took 10-40% less time; files
 # that run hundreds of toy steps or a real model took 20-70% more, so they are not marked.
 
-# The same for a test's subprocess (its XLA_FLAGS), where its runs compile much and run little.
-QUICK_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
-                           "--xla_llvm_disable_expensive_passes=true")
+# The XLA debug options of a `quick_compiles` compile, and the same as XLA_FLAGS for a test's
+# subprocess where its runs compile much and run little.
+_QUICK_DEBUG_OPTIONS = {"xla_backend_optimization_level": 0,
+                        "xla_llvm_disable_expensive_passes": True}
+QUICK_COMPILE_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}"
+                                   for name, value in _QUICK_DEBUG_OPTIONS.items())
 
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 _MAX_EXECUTABLES = 1024
@@ -148,8 +151,8 @@ def _share_compiled_executables() -> None:
                        **kwargs):
     if _QUICK_COMPILES["on"]:    # before the key, which covers the compile options
       debug_options = compile_options.executable_build_options.debug_options
-      debug_options.xla_backend_optimization_level = 0
-      debug_options.xla_llvm_disable_expensive_passes = True
+      for name, value in _QUICK_DEBUG_OPTIONS.items():
+        setattr(debug_options, name, value)
     if not _SHARING["on"] or host_callbacks or kwargs.get("pgle_profiler") is not None:
       return compile_(backend, computation, devices, compile_options, host_callbacks, *args,
                       **kwargs)
@@ -188,7 +191,7 @@ def pytest_runtest_protocol(item, nextitem):    # pylint: disable=unused-argumen
   Where it changes, JAX's own caches (jit and op-by-op dispatch, keyed without the compile
   options) are cleared, so no test runs an executable compiled at the other level: the two
   may round differently, and a test that compares two computations bit for bit must see both
-  at its own level. Compiles after the clear still reuse this file's shared executables (their
+  at its own level. Compiles after the clear still reuse this process's shared executables (their
   key covers the level), so only tracing and lowering run again.
   """
   quick = item.get_closest_marker("quick_compiles") is not None
