@@ -9,6 +9,9 @@ clip 1.0, no warm-up) and the EMA anchor θa ← (1−η)θa + ηθ (η = 0.02).
 
 `bond`: `rollout.make_rollout_fn` + `steps.make_update_fn`, jitted as `bond/train.py` jits them
 (the update donated); its phases are separately jitted sub-functions built from the same pieces.
+With `bond.anchor_logp='decode'` (the default; `--anchor-logp=pass` for the teacher-forced pass)
+the anchor's sampling loop also scores the policy sample, so bond's no-grad phase is empty and its
+sampling phase includes that scoring.
 PyTorch: `transformers` model exported with `convert.to_hf` (a second copy is the anchor),
 `generate` for the samples, autograd under `torch.autocast("cpu", bfloat16)`, `torch.optim.Adam`,
 EMA on the anchor's parameters. It runs in a child process (clean peak RSS, no JAX threads),
@@ -57,12 +60,13 @@ def rss_peak_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
 
 
-def jbond_config(preset: str, new_tokens: int):
+def jbond_config(preset: str, new_tokens: int, anchor_logp: str = "decode"):
   """bond's config of the benchmarked J-BOND step (the constants above; f32 params, bf16 compute)."""
   from bond import defaults
   config = defaults.get_config()
   config.bond.objective, config.bond.anchor = "jbond", "ema"
-  config.bond.update(beta=BETA, gamma=GAMMA, eta=ETA, jbond_penalty=PENALTY)
+  config.bond.update(beta=BETA, gamma=GAMMA, eta=ETA, jbond_penalty=PENALTY,
+                     anchor_logp=anchor_logp)
   config.model.preset = preset
   config.model.dtype, config.model.param_dtype = "bfloat16", "float32"
   config.sampling.max_new_tokens = new_tokens
@@ -223,7 +227,7 @@ def bond_side(args, model_config, params, tokens, weights, check, torch_child=No
   from bond import anchor as anchor_lib
   from bond import rewards, rollout as rollout_lib, sampling, steps
 
-  config = jbond_config(args.preset, args.new_tokens)
+  config = jbond_config(args.preset, args.new_tokens, args.anchor_logp)
   mc = model_config
   sc, b, t = config.sampling, tokens.shape[0], args.new_tokens
   reward_fn = rewards.bag_of_tokens_reward(weights)
@@ -294,13 +298,18 @@ def bond_side(args, model_config, params, tokens, weights, check, torch_child=No
   s = state[0]
   rng = jax.random.fold_in(s.rng, s.step)
 
+  in_decode = config.bond.anchor_logp == "decode"
+
   @jax.jit
   def sample_both(anchor_params, params, rng):
     rng_anchor, rng_policy = jax.random.split(rng)
-    draw = lambda p, r, k: sampling.sample_fn(  # noqa: E731
+    draw = lambda p, r, k, **kw: sampling.sample_fn(  # noqa: E731
         mc, p, batch["prompt_tokens"], batch["prompt_mask"], r, max_new_tokens=t, num_samples=k,
-        temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, eos_id=mc.eos_id)
-    return draw(anchor_params, rng_anchor, NUM_ANCHOR), draw(params, rng_policy, 1)
+        temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, eos_id=mc.eos_id, **kw)
+    policy = draw(params, rng_policy, 1)
+    # bond.anchor_logp='decode': the anchor's loop also scores the policy's samples.
+    forced = dict(forced_tokens=policy.tokens, forced_mask=policy.mask) if in_decode else {}
+    return draw(anchor_params, rng_anchor, NUM_ANCHOR, **forced), policy
   timed("sampling (2 anchor + 1 policy)",
         lambda: block(sample_both(s.anchor_params, s.params, rng)))
 
@@ -319,7 +328,10 @@ def bond_side(args, model_config, params, tokens, weights, check, torch_child=No
     return rollout_lib.completion_log_probs(mc, p, batch["prompt_tokens"], batch["prompt_mask"],
                                             tokens, mask)
   y, y_mask = rollout.policy.tokens, rollout.policy.mask
-  timed("no-grad: anchor on y", lambda: block(no_grad_pass(s.anchor_params, y, y_mask)))
+  if in_decode:      # scored inside the anchor's sampling loop: no pass of its own
+    out["no-grad: anchor on y"] = (0.0, 0.0)
+  else:
+    timed("no-grad: anchor on y", lambda: block(no_grad_pass(s.anchor_params, y, y_mask)))
   timed("no-grad: ref on y (metric only)", lambda: block(no_grad_pass(s.ref_params, y, y_mask)))
 
   loss_fn = steps.make_loss_fn(config, mc)
@@ -359,6 +371,9 @@ def main():
   parser.add_argument("--steps", type=int, default=None,
                       help="timed steps of each side, alternated (default 5)")
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--anchor-logp", choices=("decode", "pass"), default="decode",
+                      help="bond.anchor_logp: log π_anchor of the policy samples scored in the "
+                           "anchor's decode loop (default) or by a teacher-forced pass")
   parser.add_argument("--scan-layers", action="store_true",
                       help="model.scan_layers=True: full passes scan over the layers")
   parser.add_argument("--skip-single-jit", action="store_true",
@@ -455,7 +470,8 @@ def main():
   print()
   print(f"{'phase':<34} {'bond ms':>9} {'torch ms':>9} {'torch/bond':>10}")
   for nm, ob, tb in zip(names, bond_parts, torch_parts):
-    print(f"{nm:<34} {ob * 1e3:>9.1f} {tb * 1e3:>9.1f} {tb / ob:>10.2f}")
+    print(f"{nm:<34} {ob * 1e3:>9.1f} {tb * 1e3:>9.1f} "
+          + (f"{tb / ob:>10.2f}" if ob else f"{'(none)':>10}"))
   print(f"{'sum of parts':<34} {sum(bond_parts) * 1e3:>9.1f} {sum(torch_parts) * 1e3:>9.1f}")
   print(f"{'whole step (timed apart)':<34} {bond_whole * 1e3:>9.1f} {torch_whole * 1e3:>9.1f} "
         f"{torch_whole / bond_whole:>10.2f}")

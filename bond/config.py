@@ -39,6 +39,7 @@ CHOICES = {
     "reward.kind": ("toy", "vader", "length", "model"),
     "bond.objective": steps.ONLINE + steps.OFFLINE,
     "bond.anchor": ("fixed", "ema", "swap"),
+    "bond.anchor_logp": ("decode", "pass"),
     "bond.quantile_smoothing": ("clip", "add_one"),
     "bond.bond_reward": ("log_quantile", "exact_ties"),
     "task.reward_transform": ("identity", "exp3"),

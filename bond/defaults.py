@@ -106,6 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.bond.anchor = "ema"             # fixed (anchor = π_ref: BOND, baselines) | ema (J-BOND)
   #                                   | swap (iterative BOND)
   c.bond.swap_every = 100           # hard anchor swap period (anchor=swap)
+  # log π_anchor of the policy samples with a moving anchor (ema, swap; the losses that read it:
+  # jbond, bond_bwd, bond_jeffreys): 'decode' = scored in the anchor's own decode loop beside its
+  # samples (no teacher-forced pass), the losses' log π_θ/π_anchor then from the two samplers'
+  # log-probs (one numerical path); 'pass' = a teacher-forced pass, the ratio from the loss's pass
+  c.bond.anchor_logp = "decode"
   c.bond.jbond_penalty = 2.772588722239781   # log 16: J-BOND reward when y loses to both anchor samples
   c.bond.quantile_smoothing = "clip"         # clip (p̂≤ >= 1/(k+1)) | add_one ((1+#)/(k+1))
   # The reward of backward-KL and Jeffreys BOND: 'log_quantile' = (N−1)·log p̂≤(y) (exact without

@@ -104,18 +104,20 @@ def _policy_gradient(policy_logp: Array, rewards: Array, baseline: Array,
 
 
 def _kl_regularised_policy_gradient(policy_logp: Array, ref_logp: Array, rewards: Array,
-                                    beta: float | Array, mask: Array | None) -> tuple[Array, Array]:
+                                    beta: float | Array, mask: Array | None,
+                                    log_ratio: Array | None = None) -> tuple[Array, Array]:
   """Maximises E_π[r] − β·KL(π‖π_ref) with R = r − β·(log π − log π_ref) and an RLOO baseline.
 
   policy_logp, ref_logp, rewards: [B, S] with S ≥ 2 samples of each prompt. Returns the loss and
-  the per-sample KL estimates [B, S].
+  the per-sample KL estimates [B, S]. log_ratio [B, S]: log π − log π_ref given (e.g. from the
+  samplers' log-probs, `sampler_log_ratio`) instead of computed from policy_logp and ref_logp.
   """
   chex.assert_rank(policy_logp, 2)
   chex.assert_equal_shape([policy_logp, ref_logp, rewards])
   if policy_logp.shape[1] < 2:
     raise ValueError("the leave-one-out (RLOO) baseline needs at least 2 policy samples per "
                      f"prompt, got S={policy_logp.shape[1]}")
-  log_ratio = jax.lax.stop_gradient(policy_logp - ref_logp)
+  log_ratio = jax.lax.stop_gradient(policy_logp - ref_logp if log_ratio is None else log_ratio)
   total_reward = rewards - beta * log_ratio
   baseline = _leave_one_out_mean(total_reward, mask, axis=1)
   return _policy_gradient(policy_logp, total_reward, baseline, mask), log_ratio
@@ -144,7 +146,8 @@ def forward_kl_loss(policy_logp_best: Array, mask: Array | None = None
 
 
 def backward_kl_loss(policy_logp: Array, ref_logp: Array, log_quantile: Array, n: int,
-                     mask: Array | None = None) -> tuple[Array, Metrics]:
+                     mask: Array | None = None, log_ratio: Array | None = None
+                     ) -> tuple[Array, Metrics]:
   """Backward-KL BOND (BOND §3): KL(π_θ ‖ π_BoN) = E_π[log π_θ − log π_ref − (N−1)·log p≤] − log N.
 
   Gradient E_{y∼π_θ}[∇log π_θ(y)·(log π_θ(y) − log π_ref(y) − (N−1)·log p̂≤(y))]: policy gradient
@@ -154,10 +157,11 @@ def backward_kl_loss(policy_logp: Array, ref_logp: Array, log_quantile: Array, n
 
   policy_logp, ref_logp, log_quantile: [B, S] for S policy samples of each prompt; log_quantile
   is log p̂≤(y) (bon.log_quantile_estimate) under π_ref or the anchor, matching ref_logp.
+  log_ratio [B, S]: log π_θ − log π_ref given instead (`_kl_regularised_policy_gradient`).
   """
   bond_reward = jnp.asarray(log_quantile, jnp.float32)
   loss, log_ratio = _kl_regularised_policy_gradient(
-      policy_logp, ref_logp, (n - 1) * bond_reward, 1.0, mask)
+      policy_logp, ref_logp, (n - 1) * bond_reward, 1.0, mask, log_ratio)
   return loss, {"bond_reward": _masked_mean(bond_reward, mask),
                 "kl_to_ref": _masked_mean(log_ratio, mask),
                 "kl_to_bon": loss - math.log(n)}
@@ -165,13 +169,14 @@ def backward_kl_loss(policy_logp: Array, ref_logp: Array, log_quantile: Array, n
 
 def jeffreys_loss(policy_logp_best: Array, policy_logp: Array, ref_logp: Array,
                   log_quantile: Array, *, n: int, beta: float | Array,
-                  mask: Array | None = None) -> tuple[Array, Metrics]:
+                  mask: Array | None = None, log_ratio: Array | None = None
+                  ) -> tuple[Array, Metrics]:
   """Jeffreys BOND (BOND §3): J_β = (1−β)·KL(π_BoN ‖ π_θ) + β·KL(π_θ ‖ π_BoN), β ∈ [0, 1].
 
   policy_logp_best: [B] as in `forward_kl_loss`; the rest: [B, S] as in `backward_kl_loss`.
   """
   fwd, fwd_metrics = forward_kl_loss(policy_logp_best, mask)
-  bwd, bwd_metrics = backward_kl_loss(policy_logp, ref_logp, log_quantile, n, mask)
+  bwd, bwd_metrics = backward_kl_loss(policy_logp, ref_logp, log_quantile, n, mask, log_ratio)
   metrics = {"backward/loss": bwd}
   metrics.update({f"forward/{k}": v for k, v in fwd_metrics.items()})
   metrics.update({f"backward/{k}": v for k, v in bwd_metrics.items()})
@@ -181,7 +186,8 @@ def jeffreys_loss(policy_logp_best: Array, policy_logp: Array, ref_logp: Array,
 def jbond_loss(policy_logp_anchor_best: Array, policy_logp_sample: Array,
                anchor_logp_sample: Array, sample_beats_anchor: Array, *, beta: float | Array,
                gamma: float | Array, penalty: float = JBOND_PENALTY,
-               mask: Array | None = None) -> tuple[Array, Metrics]:
+               mask: Array | None = None, log_ratio: Array | None = None
+               ) -> tuple[Array, Metrics]:
   """J-BOND (BOND §5, Algorithm 2): L = (1−β)·G_FW + β·G_BW + γ·G_KL, one policy sample y.
 
     G_FW = −log π_θ(y'_best), y'_best the better of 2 anchor samples (Best-of-2 of the anchor);
@@ -194,12 +200,15 @@ def jbond_loss(policy_logp_anchor_best: Array, policy_logp_sample: Array,
   With a single sample per prompt there is no RLOO: the baseline of prompt b is the mean reward
   of the other prompts of the batch, which is independent of y_b (unbiased) and removes the
   common offset (e.g. −penalty·P[lose]) that dominates the variance of plain REINFORCE.
+  log_ratio [B]: log π_θ(y) − log π_anchor(y) given (e.g. from the samplers' log-probs) instead of
+  computed from the two log-prob inputs; it enters as a reward only (no gradient).
   """
   chex.assert_rank(policy_logp_sample, 1)
   chex.assert_equal_shape([policy_logp_anchor_best, policy_logp_sample, anchor_logp_sample,
                            sample_beats_anchor])
   fwd, _ = forward_kl_loss(policy_logp_anchor_best, mask)
-  log_ratio = jax.lax.stop_gradient(policy_logp_sample - anchor_logp_sample)
+  log_ratio = jax.lax.stop_gradient(policy_logp_sample - anchor_logp_sample
+                                    if log_ratio is None else log_ratio)
   jbond_reward = jnp.where(sample_beats_anchor, 0.0, -penalty)
 
   def policy_gradient(rewards):
@@ -353,15 +362,34 @@ def _bond_forward(params, rollout, hp, logp):
   return forward_kl_loss(lp_best[:, 0])
 
 
+def anchor_logp_in_decode(hp) -> bool:
+  """Whether log π_anchor of the policy samples comes from the anchor's decode loop (config key
+  `bond.anchor_logp` = 'decode', with a moving anchor; a fixed anchor is π_ref, whose pass the
+  rollout runs anyway). The losses then take log π_θ/π_anchor from the two samplers' log-probs,
+  so that both terms come from one numerical path (`sampler_log_ratio`)."""
+  return hp.get("anchor_logp", "decode") == "decode" and hp.get("anchor", "fixed") != "fixed"
+
+
+def sampler_log_ratio(samples, hp) -> Array | None:
+  """[B, S] log π_θ(y) − log π_anchor(y) of the policy samples from the samplers' log-probs
+  (`anchor_logp_in_decode`), or None: the losses then compute it from their own pass (also for
+  samples without the sampler's log-probs, e.g. a hand-built rollout)."""
+  if not anchor_logp_in_decode(hp) or samples.logp is None:
+    return None
+  return samples.logp - samples.anchor_logp
+
+
 def _bond_backward(params, rollout, hp, logp):
   (lp,) = _pass(params, logp, rollout.policy)
-  return backward_kl_loss(lp, rollout.policy.anchor_logp, bond_reward_estimate(rollout, hp), hp.n)
+  return backward_kl_loss(lp, rollout.policy.anchor_logp, bond_reward_estimate(rollout, hp), hp.n,
+                          log_ratio=sampler_log_ratio(rollout.policy, hp))
 
 
 def _bond_jeffreys(params, rollout, hp, logp):
   lp_best, lp = _pass(params, logp, _best(rollout.anchor, hp.n), rollout.policy)
   return jeffreys_loss(lp_best[:, 0], lp, rollout.policy.anchor_logp,
-                       bond_reward_estimate(rollout, hp), n=hp.n, beta=hp.beta)
+                       bond_reward_estimate(rollout, hp), n=hp.n, beta=hp.beta,
+                       log_ratio=sampler_log_ratio(rollout.policy, hp))
 
 
 def _jbond(params, rollout, hp, logp):
@@ -369,8 +397,10 @@ def _jbond(params, rollout, hp, logp):
   lp_best, lp_y = _pass(params, logp, _best(anchor, 2), policy)
   # r_J = 0 when y is not worse than at least one anchor sample (p̂≤ > 0 from the 2 samples).
   beats = policy.rewards[:, 0] >= jnp.min(anchor.rewards, axis=1)
+  ratio = sampler_log_ratio(policy, hp)
   return jbond_loss(lp_best[:, 0], lp_y[:, 0], policy.anchor_logp[:, 0], beats, beta=hp.beta,
-                    gamma=hp.gamma, penalty=hp.jbond_penalty)
+                    gamma=hp.gamma, penalty=hp.jbond_penalty,
+                    log_ratio=None if ratio is None else ratio[:, 0])
 
 
 def _reinforce(params, rollout, hp, logp):

@@ -173,18 +173,25 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
   # log π_ref on the policy samples: read by the loss (REINFORCE's KL; a fixed anchor is π_ref),
   # or only by the kl/policy_ref metric.
   ref_for_loss = algorithm.policy_ref_logp or (algorithm.policy_anchor_logp and bc.anchor == "fixed")
+  # log π_anchor of the policy samples scored in the anchor's decode loop (`bond.anchor_logp`).
+  in_decode = (algorithm.policy_anchor_logp and num_anchor > 0
+               and objectives.anchor_logp_in_decode(bc))
 
   def logp(params, batch, samples):
     return completion_log_probs(model_config, params, batch["prompt_tokens"], batch["prompt_mask"],
                                 samples.tokens, samples.mask, **options)
 
-  def draw(params, batch, rng, n):
+  def draw(params, batch, rng, n, scored=None):
+    """n samples of each prompt; with `scored` (Samples) also their log-probs under these params,
+    from the same decode loop, as `anchor_logp`."""
     out = sampling.sample_fn(
         model_config, params, batch["prompt_tokens"], batch["prompt_mask"], rng,
         max_new_tokens=sc.max_new_tokens, num_samples=n, temperature=sc.temperature,
         top_k=sc.top_k, top_p=sc.top_p, eos_id=model_config.eos_id,
-        cpu_kernels=cpu_kernels(config))
-    return Samples(out.tokens, out.mask, logp=jnp.sum(out.logprobs, axis=-1))
+        cpu_kernels=cpu_kernels(config), forced_tokens=None if scored is None else scored.tokens,
+        forced_mask=None if scored is None else scored.mask)
+    samples = Samples(out.tokens, out.mask, logp=jnp.sum(out.logprobs, axis=-1))
+    return samples if scored is None else (samples, jnp.sum(out.forced_logprobs, axis=-1))
 
   def rewards(batch, samples):
     return jax.lax.stop_gradient(score_samples(reward_fn, batch, samples, jnp).astype(jnp.float32))
@@ -211,6 +218,13 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
       rng = jax.random.fold_in(state.rng, state.step)
     state = jax.lax.stop_gradient(state)
     rng_anchor, rng_policy = jax.random.split(rng)
+    if in_decode:
+      # The policy's samples first; the anchor's decode loop then scores them beside its own
+      # samples (the anchor's own samples' anchor_logp is their sampler log-prob).
+      policy = draw(state.policy(), batch, rng_policy, num_policy)
+      policy, state = _after(policy, state)
+      anchor, scored = draw(state.anchor(), batch, rng_anchor, num_anchor, scored=policy)
+      return anchor.replace(anchor_logp=anchor.logp).concat(policy.replace(anchor_logp=scored))
     anchor = draw(state.anchor(), batch, rng_anchor, num_anchor) if num_anchor else None
     if anchor is not None:
       anchor, state = _after(anchor, state)
@@ -229,7 +243,7 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
       policy = both
     policy = policy.replace(rewards=r[:, num_anchor:],
                             ref_logp=ref_logp(state, batch, policy, with_metrics))
-    if algorithm.policy_anchor_logp:
+    if algorithm.policy_anchor_logp and not in_decode:
       # A fixed anchor is π_ref itself (same params): its log-probs are already there.
       policy = policy.replace(anchor_logp=policy.ref_logp if bc.anchor == "fixed"
                               else logp(state.anchor(), batch, policy))

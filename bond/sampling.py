@@ -36,12 +36,15 @@ class SampleOutput(NamedTuple):
     or top-p): the quantity the objectives need. 0 where `mask` is False.
   sample_logprobs: [B, N, T] f32, log-prob of each token under the processed distribution it was
     drawn from (temperature, top-k, top-p applied); 0 for greedy decoding and where masked.
+  forced_logprobs: [B, F, T] f32, log pi(y_t | x, y_<t) of the given `forced_tokens` (rows
+    teacher-forced in the same decode loop), 0 where `forced_mask` is False; None without them.
   """
 
   tokens: Array
   mask: Array
   logprobs: Array
   sample_logprobs: Array
+  forced_logprobs: Array | None = None
 
 
 def process_logits(logits: Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Array:
@@ -170,8 +173,17 @@ def _eos_tuple(config: gemma.GemmaConfig, eos_id) -> tuple[int, ...]:
 def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prompt_mask: Array,
               rng: Array, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
               top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = ...,
-              cpu_kernels: bool | None = None) -> SampleOutput:
+              cpu_kernels: bool | None = None, forced_tokens: Array | None = None,
+              forced_mask: Array | None = None) -> SampleOutput:
   """Pure, traceable body of `sample` (call it inside your own jit); see `sample`.
+
+  forced_tokens, forced_mask [B, F, max_new_tokens]: F more rows per prompt that are not sampled
+  but fed these tokens, so that the loop also scores given completions (`forced_logprobs`, e.g.
+  the anchor's log-probs of the policy's samples while the anchor draws its own) for little more
+  than the rows' share of a decode step: a step streams the weights once for all rows. The mask
+  is a prefix of each row (its tokens, then padding: a sampler's own masks are); the loop runs
+  until the sampled rows and the forced rows are all finished. Nothing of a forced row reaches
+  the sampled rows (every op is per row).
 
   The decode backend is chosen here (`backends.select`), which builds the CPU kernels on first
   use; call `backends.select(config)` before tracing to build them ahead.
@@ -186,6 +198,7 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
   if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
     raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got "
                      f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+  f = _check_forced(forced_tokens, forced_mask, b, t)
   eos = jnp.asarray(_eos_tuple(config, eos_id), jnp.int32)
   keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(n)))(
       prompt_keys(rng, b)).reshape(b * n)                                  # [R]
@@ -206,7 +219,8 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
   if p > 1:
     cache = _prefill(config, params, prompt_tokens[:, :-1], mask[:, :-1], positions[:, :-1], cache,
                      backend, packed if backends.packed_prefill(backend) else None)
-  cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
+  # Rows b * (n + f) + j: sample j < n of prompt b, then its forced rows.
+  cache = jax.tree.map(lambda x: jnp.repeat(x, n + f, axis=0) if x.ndim else x, cache)
 
   r = b * n
   unprocessed = temperature == 1.0 and top_k == 0 and top_p == 1.0
@@ -215,10 +229,22 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
          "logprobs": jnp.zeros((r, t), jnp.float32),
          "sample_logprobs": jnp.zeros((r, t), jnp.float32)}
   state = (jnp.zeros((), jnp.int32),                                       # step i
-           jnp.repeat(prompt_tokens[:, -1].astype(jnp.int32), n),          # token to feed [R]
-           jnp.repeat(positions[:, -1], n),                                # its position [R]
+           jnp.repeat(prompt_tokens[:, -1].astype(jnp.int32), n + f),      # token to feed
+           jnp.repeat(positions[:, -1], n + f),                            # its position
            jnp.zeros((r,), jnp.bool_),                                     # row finished [R]
            cache, out)
+  if f:
+    forced = forced_tokens.astype(jnp.int32).reshape(b * f, t)
+    forced_live = forced_mask.astype(jnp.bool_).reshape(b * f, t)
+    # A forced row is finished after its last masked-in token.
+    forced_len = jnp.max(jnp.where(forced_live, jnp.arange(1, t + 1), 0), axis=-1)   # [B*F]
+    state += ({"done": forced_len == 0, "logprobs": jnp.zeros((b * f, t), jnp.float32)},)
+  # The model's rows [B*(N+F)] -> (sampled rows [B*N], forced rows [B*F]) and back.
+  split = lambda x: (x.reshape((b, n + f) + x.shape[1:])[:, :n].reshape((r,) + x.shape[1:]),  # noqa: E731
+                     x.reshape((b, n + f) + x.shape[1:])[:, n:].reshape((b * f,) + x.shape[1:]))
+  merge = lambda x, y: jnp.concatenate([x.reshape((b, n) + x.shape[1:]),  # noqa: E731
+                                        y.reshape((b, f) + y.shape[1:])], 1).reshape(
+                                            (b * (n + f),) + x.shape[1:])
 
   if temperature > 0.0:
     # Every step's two uniforms per row, drawn before the loop from the same keys as in it
@@ -227,12 +253,14 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
         jax.random.fold_in(k, s), (2,)))(keys))(jnp.arange(t))             # [T, R, 2]
 
   def cond(state):
-    i, _, _, done, _, _ = state
-    return (i < t) & ~jnp.all(done)
+    i, done = state[0], state[3]
+    return (i < t) & ~(jnp.all(done) & (jnp.all(state[6]["done"]) if f else True))
 
   def body(state):
-    i, token, pos, done, cache, out = state
+    i, token, pos, done, cache, out = state[:6]
     logits, cache = _decode_step(config, variables, cache, token, pos, backend)
+    if f:
+      logits, forced_logits = split(logits)
     if temperature == 0.0:    # the backend's greedy choice and the model's log-prob of it
       new, logprob = backend.greedy(logits)
       sample_lp = jnp.zeros_like(logprob)
@@ -249,10 +277,33 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
     out = {k: jax.lax.dynamic_update_slice(out[k], column[k][:, None].astype(out[k].dtype), (0, i))
            for k in out}
     done = done | (live & jnp.any(new[:, None] == eos[None, :], axis=-1))
-    return i + 1, new, pos + 1, done, cache, out
+    if not f:
+      return i + 1, new, pos + 1, done, cache, out
+    given = jax.lax.dynamic_index_in_dim(forced, i, axis=1, keepdims=False)         # [B*F]
+    given_live = jax.lax.dynamic_index_in_dim(forced_live, i, axis=1, keepdims=False)
+    lp = jnp.where(given_live, gemma.token_logprob(forced_logits, given), 0.0)
+    scored = {"done": i + 1 >= forced_len,
+              "logprobs": jax.lax.dynamic_update_slice(state[6]["logprobs"], lp[:, None], (0, i))}
+    return i + 1, merge(new, given), pos + 1, done, cache, out, scored
 
-  out = jax.lax.while_loop(cond, body, state)[-1]
-  return SampleOutput(**{k: v.reshape(b, n, t) for k, v in out.items()})
+  final = jax.lax.while_loop(cond, body, state)
+  out = {k: v.reshape(b, n, t) for k, v in final[5].items()}
+  return SampleOutput(**out, forced_logprobs=final[6]["logprobs"].reshape(b, f, t) if f else None)
+
+
+def _check_forced(forced_tokens, forced_mask, b: int, t: int) -> int:
+  """F, the number of forced rows per prompt (0 without them); a one-line error on bad input."""
+  if forced_tokens is None and forced_mask is None:
+    return 0
+  if forced_tokens is None or forced_mask is None:
+    raise ValueError("forced_tokens and forced_mask go together: pass both or neither")
+  if forced_tokens.ndim != 3 or forced_tokens.shape[0] != b or forced_tokens.shape[2] != t:
+    raise ValueError(f"forced_tokens must be [B={b}, F, max_new_tokens={t}], "
+                     f"got {forced_tokens.shape}")
+  if forced_mask.shape != forced_tokens.shape:
+    raise ValueError(f"forced_mask must have the shape of forced_tokens {forced_tokens.shape}, "
+                     f"got {forced_mask.shape}")
+  return forced_tokens.shape[1]
 
 
 _STATIC = ("config", "max_new_tokens", "num_samples", "temperature", "top_k", "top_p", "eos_id",
@@ -263,7 +314,8 @@ _sample_jit = jax.jit(sample_fn, static_argnames=_STATIC)
 def sample(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prompt_mask: Array,
            rng: Array, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = ...,
-           cpu_kernels: bool | None = None) -> SampleOutput:
+           cpu_kernels: bool | None = None, forced_tokens: Array | None = None,
+           forced_mask: Array | None = None) -> SampleOutput:
   """Samples `num_samples` completions per prompt; returns tokens/mask/logprobs [B, N, T].
 
   prompt_tokens [B, P] int32 LEFT-padded, prompt_mask [B, P] bool (every prompt needs >= 1 real
@@ -273,6 +325,8 @@ def sample(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prompt_
   cpu_kernels: run the decode loop's matmuls and attention through `bond.models.cpu_kernels`
   (bf16 on one CPU device with avx512_bf16; `bond.models.backends.select`); None (default):
   where they can run; False: never; True: always, or an error.
+  forced_tokens, forced_mask [B, F, max_new_tokens]: given completions scored in the same loop
+  (`forced_logprobs`; see `sample_fn`).
   Compiled once per (config, shapes, static options); traceable inside an outer `jax.jit`.
   """
   # Chosen (and the kernels built) here, before tracing; `sample_fn` only reads the choice.
@@ -280,7 +334,8 @@ def sample(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prompt_
   return _sample_jit(config, params, prompt_tokens, prompt_mask, rng,
                      max_new_tokens=max_new_tokens, num_samples=num_samples,
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                     eos_id=_eos_tuple(config, eos_id), cpu_kernels=cpu_kernels)
+                     eos_id=_eos_tuple(config, eos_id), cpu_kernels=cpu_kernels,
+                     forced_tokens=forced_tokens, forced_mask=forced_mask)
 
 
 def generate_text(config: gemma.GemmaConfig, params: Any, tokenizer, prompts: list[str],

@@ -6,6 +6,7 @@ import itertools
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -347,3 +348,61 @@ def test_bad_arguments_raise_clear_errors():
   with pytest.raises(ValueError, match="one key per prompt"):
     sampling.sample(config, params, tokens, mask, jax.random.split(jax.random.key(0), 2),
                     max_new_tokens=2)
+
+
+# ---------------------------------------------------------------- forced (scored) rows
+
+
+def test_forced_rows_score_given_completions_like_a_teacher_forced_pass():
+  """Forced rows (completions given, not sampled) decoded beside the sampled ones: their
+  log-probs are those of a teacher-forced pass, the loop runs until the longest of them is
+  scored even when every sampled row stopped at its first token, and the sampled rows are those
+  of a call without forced rows."""
+  config, params = tiny_model(vocab_size=8)
+  tokens, mask = padded_batch(lengths=(12, 3, 8), width=12)
+  tokens = tokens % 8
+  b, f = tokens.shape[0], 3
+  rng = np.random.default_rng(0)
+  forced = rng.integers(0, 8, (b, f, NEW)).astype(np.int32)
+  lengths = np.array([[NEW, 0, 4], [1, NEW, 7], [NEW - 1, 2, NEW]])     # prefix masks, one empty
+  forced_mask = np.arange(NEW) < lengths[..., None]
+  kw = dict(max_new_tokens=NEW, num_samples=2, eos_id=1)
+  plain = sampling.sample(config, params, tokens, mask, jax.random.key(1), **kw)
+  out = sampling.sample(config, params, tokens, mask, jax.random.key(1), **kw,
+                        forced_tokens=forced, forced_mask=forced_mask)
+  assert out.forced_logprobs.shape == (b, f, NEW)
+  want = teacher_forced_logprobs(config, params, tokens, mask, SimpleNamespace(
+      tokens=forced, mask=forced_mask))
+  got = np.asarray(out.forced_logprobs)
+  np.testing.assert_allclose(got[forced_mask], want[forced_mask], atol=1e-4)
+  assert (got[~forced_mask] == 0).all()
+  for name in ("tokens", "mask", "logprobs", "sample_logprobs"):
+    np.testing.assert_allclose(getattr(out, name), getattr(plain, name), atol=1e-6, err_msg=name)
+  assert plain.forced_logprobs is None
+
+  # Every sampled row stops at its first (greedy) token; the full-length forced rows still get
+  # all NEW of their tokens scored.
+  greedy = dict(max_new_tokens=NEW, num_samples=2, temperature=0.0)
+  first = np.asarray(sampling.sample(config, params, tokens, mask, jax.random.key(0),
+                                     eos_id=None, **greedy).tokens[:, :, 0])
+  out = sampling.sample(config, params, tokens, mask, jax.random.key(0), **greedy,
+                        eos_id=tuple(sorted(set(first.ravel().tolist()))),
+                        forced_tokens=forced, forced_mask=forced_mask)
+  assert (np.asarray(out.mask).sum(-1) == 1).all()
+  got = np.asarray(out.forced_logprobs)
+  np.testing.assert_allclose(got[forced_mask], want[forced_mask], atol=1e-4)
+
+
+def test_forced_rows_bad_arguments_raise_clear_errors():
+  config, params = tiny_model()
+  tokens, mask = padded_batch()
+  b = tokens.shape[0]
+  run = functools.partial(sampling.sample, config, params, tokens, mask, jax.random.key(0),
+                          max_new_tokens=4)
+  good = np.zeros((b, 2, 4), np.int32)
+  with pytest.raises(ValueError, match="go together"):
+    run(forced_tokens=good)
+  with pytest.raises(ValueError, match=r"forced_tokens must be \[B=3, F, max_new_tokens=4\]"):
+    run(forced_tokens=good[:, :, :3], forced_mask=good[:, :, :3] > 0)
+  with pytest.raises(ValueError, match="forced_mask must have the shape"):
+    run(forced_tokens=good, forced_mask=good[:, :1] > 0)

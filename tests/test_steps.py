@@ -290,6 +290,55 @@ def test_metric_only_ref_pass_runs_on_logged_steps_only(objective, ref_for_loss,
     assert float(m_on["loss"]) == float(m_off["loss"])
 
 
+@pytest.mark.parametrize("objective", ["jbond", "bond_jeffreys"])
+def test_anchor_logp_from_the_decode_loop_equals_the_teacher_forced_pass(objective, monkeypatch):
+  """bond.anchor_logp='decode' (the default, moving anchors): the anchor's decode loop scores the
+  policy's samples beside its own, so the rollout traces no teacher-forced anchor pass; the
+  samples are those of 'pass', log π_anchor of the policy samples is the pass's, and the loss,
+  whose log π_θ/π_anchor then comes from the two samplers, has the pass's value and gradient."""
+  from bond import logprobs
+  from bond import rollout as rollout_lib
+  r = runner(objective)
+  assert r.config.bond.anchor in ("ema", "swap") and r.config.bond.anchor_logp == "decode"
+  mc = r.exp.model_config
+  state, batch, rng = r.init(), r.batch(0), jax.random.PRNGKey(3)
+  # An anchor away from the policy, so that log π_θ/π_anchor is not 0.
+  noise = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
+                       state.anchor_params)
+  state = state.replace(anchor_params=jax.tree.map(jnp.add, state.anchor_params, noise))
+  calls = []
+  for name in ("completion_log_probs", "completion_log_probs_full"):   # either path counts
+    real = getattr(logprobs, name)
+    monkeypatch.setattr(logprobs, name,
+                        lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+  out = {}
+  for mode in ("decode", "pass"):
+    config = r.config.copy_and_resolve_references()
+    config.bond.anchor_logp = mode
+    calls.clear()
+    ro = jax.jit(rollout_lib.make_rollout_fn(config, mc, r.exp.reward_fn), static_argnums=3)(
+        state, batch, rng, False)
+    passes = len(calls)        # at trace time
+    loss_fn = jax.jit(jax.value_and_grad(steps.make_loss_fn(config, mc), has_aux=True))
+    # The sampler's log π_θ(y) shifted by 1: the loss reads it only where the ratio comes from
+    # the samplers.
+    shifted = ro.replace(policy=ro.policy.replace(logp=ro.policy.logp + 1.0))
+    moved = float(loss_fn(state.params, shifted)[0][0] - loss_fn(state.params, ro)[0][0])
+    out[mode] = ro, passes, loss_fn(state.params, ro), moved
+  (dec, dec_passes, ((dec_loss, _), dec_grads), dec_moved), (
+      pas, pas_passes, ((pas_loss, _), pas_grads), pas_moved) = out["decode"], out["pass"]
+  assert abs(dec_moved) > 0.1 and pas_moved == 0.0, (dec_moved, pas_moved)
+  assert (dec_passes, pas_passes) == (0, 1)
+  for field in ("tokens", "mask"):
+    np.testing.assert_array_equal(getattr(dec.policy, field), getattr(pas.policy, field))
+    np.testing.assert_array_equal(getattr(dec.anchor, field), getattr(pas.anchor, field))
+  np.testing.assert_allclose(dec.policy.anchor_logp, pas.policy.anchor_logp, atol=1e-4)
+  assert np.abs(np.asarray(pas.policy.logp - pas.policy.anchor_logp)).max() > 0.1
+  np.testing.assert_allclose(dec_loss, pas_loss, rtol=1e-4)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-6),
+               dec_grads, pas_grads)
+
+
 @pytest.mark.parametrize("objective", ["jbond", "bonbon"])
 def test_loss_scores_all_sample_sets_in_one_pass_where_the_head_is_chunked(objective, monkeypatch):
   """make_loss_fn with the chunked head (model.logprob_chunk < V): one teacher-forced pass over
