@@ -3,7 +3,10 @@
 A rollout holds everything an update needs that carries no gradient: the completions (sampled
 from the policy and the anchor, or read from a preference dataset), their rewards, and the
 log-probabilities of fixed models on them. The sampler's own sequence log-probs are kept
-(`Samples.logp`), so no pass recomputes them. Which samples a rollout draws is declared by the
+(`Samples.logp`), so no pass recomputes them. With a moving anchor, log π_anchor of the policy's
+samples comes from the anchor's own decode loop, which scores them as forced rows beside its
+samples (`bond.anchor_logp='decode'`, the default; `sampling.sample_fn`'s forced_tokens): the
+policy samples first, then the anchor. Which samples a rollout draws is declared by the
 algorithm's registry entry (`objectives.OBJECTIVES`): e.g. J-BOND 2 anchor + 1 policy sample,
 Jeffreys BOND max(N, k) anchor + S policy, REINFORCE S policy, DPO none (pairs from the batch).
 

@@ -5,7 +5,8 @@
   1. prefill: the first `P - 1` prompt tokens of the `B` prompts go through the model once, into
      a preallocated cache of `P - 1 + T` slots (`init_cache`);
   2. the prefilled cache is repeated to `R = B * N` rows (row `b * N + n` is sample `n` of prompt
-     `b`), so a prompt is prefilled once however many samples it gets;
+     `b`), so a prompt is prefilled once however many samples it gets (and to `B * (N + F)` rows
+     with `F` forced rows per prompt: given completions the same loop scores);
   3. one jitted `lax.while_loop` decodes all `R` rows together, one token per step, writing the
      cache in place, until every row has emitted an eos or `T` tokens exist.
 

@@ -585,3 +585,24 @@ def test_the_model_file_holds_no_kernel_code():
   source = open(gemma.__file__).read()
   for word in ("cpu_kernels", "packed", "PACKED", "ffi"):
     assert word not in source, word
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="needs a CPU with avx512_bf16")
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])
+def test_forced_rows_score_a_sample_as_its_own_sampler_did(name):
+  """`bond.anchor_logp='decode'` takes log π_θ/π_anchor from two samplers' log-probs (the
+  policy's, and the anchor's forced rows). On the kernels, at the training dtype, a forced row
+  scores a sample as the sampler that drew it did (same params, same per-row kernels): the ratio
+  is 0 where the models agree. A teacher-forced pass differs from both by bf16 rounding, so a
+  ratio of one pass and one sampler would not be."""
+  config, params = _seam_model(name, jnp.float32)
+  tokens, mask = padded_batch()
+  kw = dict(max_new_tokens=6, eos_id=None, cpu_kernels=True)
+  policy = sampling.sample(config, params, tokens, mask, jax.random.key(0), num_samples=1, **kw)
+  anchor = sampling.sample(config, params, tokens, mask, jax.random.key(1), num_samples=2, **kw,
+                           forced_tokens=policy.tokens, forced_mask=policy.mask)
+  np.testing.assert_allclose(anchor.forced_logprobs, policy.logprobs, rtol=0, atol=1e-5)
+  trained = teacher_forced_logprobs(config, params, tokens, mask, policy)
+  print("max |forced - sampler|", np.abs(np.asarray(anchor.forced_logprobs - policy.logprobs)).max(),
+        "max |pass - sampler|", np.abs(trained - np.asarray(policy.logprobs)).max())
+  assert np.abs(trained - np.asarray(policy.logprobs)).max() > 1e-3

@@ -1,0 +1,71 @@
+"""J-BOND's rollout jit with `bond.anchor_logp='decode'` against `'pass'`, in one process.
+
+'decode': the anchor's sampling loop scores the policy's sample as forced rows beside its own two
+samples; 'pass': a teacher-forced pass of the anchor over the policy's sample after sampling. The
+rollout is `benchmarks/train_step.py`'s (2 anchor + 1 policy samples per prompt, 32 new tokens,
+bag-of-tokens reward, a step not logged), the two jits alternated call by call; prints best and
+median ms of each.
+
+  python benchmarks/anchor_logp.py [REPEATS]           # gemma3_35m, 16 prompts x 16 tokens
+  python benchmarks/anchor_logp.py [REPEATS] --gguf    # the real Gemma 3 270M, 4 x 12
+"""
+import os
+import argparse
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import sampler  # noqa: E402
+import train_step as ts  # noqa: E402
+from bond import rewards, rollout as rl, steps  # noqa: E402
+from bond.models import gemma, presets  # noqa: E402
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("repeats", type=int, nargs="?", default=8, help="calls of each jit")
+  parser.add_argument("--gguf", action="store_true", help="the real Gemma 3 270M (GGUF)")
+  args = parser.parse_args()
+  if args.gguf:
+    from bond import assets
+    from bond.models import convert
+    mc, params = convert.from_gguf(assets.gemma3_270m_gguf_path())
+    mc = mc.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    b, p = 4, 12
+    preset = "gemma3_270m"
+  else:
+    mc = presets.get("gemma3_35m", dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    params = gemma.init_params(mc.replace(dtype=jnp.float32), jax.random.key(0))
+    b, p = 16, 16
+    preset = "gemma3_35m"
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  mc = mc.replace(eos_id=-1)
+  tokens, _ = sampler.prompts(mc, b, p)
+  batch = {"prompt_tokens": jnp.asarray(tokens), "prompt_mask": jnp.ones(tokens.shape, bool)}
+  reward_fn = rewards.bag_of_tokens_reward(ts.reward_weights(mc.vocab_size))
+  fns = {}
+  for mode in ("decode", "pass"):
+    config = ts.jbond_config(preset, 32, mode)
+    fn = rl.make_rollout_fn(config, mc, reward_fn)
+    fns[mode] = jax.jit(lambda s, bt, fn=fn: fn(s, bt, None, False))
+  opt = steps.make_optimizer(config.optim)
+  state = steps.init_state(params, opt, seed=0)
+  for f in fns.values():
+    jax.block_until_ready(f(state, batch))
+  res = {k: [] for k in fns}
+  for _ in range(args.repeats):
+    for k, f in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(f(state, batch))
+      res[k].append(time.perf_counter() - start)
+  for k, v in res.items():
+    print(f"{preset} anchor_logp={k}: rollout jit best {min(v) * 1e3:.1f} ms, median "
+          f"{np.median(v) * 1e3:.1f} ms; calls {[round(x * 1e3) for x in v]}")
+
+
+if __name__ == "__main__":
+  main()
