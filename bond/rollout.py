@@ -185,8 +185,8 @@ def _make(config, model_config: gemma.GemmaConfig, reward_fn: RewardFn | None):
                                 samples.tokens, samples.mask, **options)
 
   def draw(params, batch, rng, n, scored=None):
-    """n samples of each prompt; with `scored` (Samples) also their log-probs under these params,
-    from the same decode loop, as `anchor_logp`."""
+    """Samples: n of each prompt. With `scored` (Samples [B, F, T]): (Samples, [B, F] the log-probs
+    of `scored` under these params, from the same decode loop as forced rows)."""
     out = sampling.sample_fn(
         model_config, params, batch["prompt_tokens"], batch["prompt_mask"], rng,
         max_new_tokens=sc.max_new_tokens, num_samples=n, temperature=sc.temperature,

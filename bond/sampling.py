@@ -240,12 +240,11 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
     # A forced row is finished after its last masked-in token.
     forced_len = jnp.max(jnp.where(forced_live, jnp.arange(1, t + 1), 0), axis=-1)   # [B*F]
     state += ({"done": forced_len == 0, "logprobs": jnp.zeros((b * f, t), jnp.float32)},)
-  # The model's rows [B*(N+F)] -> (sampled rows [B*N], forced rows [B*F]) and back.
-  split = lambda x: (x.reshape((b, n + f) + x.shape[1:])[:, :n].reshape((r,) + x.shape[1:]),  # noqa: E731
-                     x.reshape((b, n + f) + x.shape[1:])[:, n:].reshape((b * f,) + x.shape[1:]))
-  merge = lambda x, y: jnp.concatenate([x.reshape((b, n) + x.shape[1:]),  # noqa: E731
-                                        y.reshape((b, f) + y.shape[1:])], 1).reshape(
-                                            (b * (n + f),) + x.shape[1:])
+    # The model's rows [B*(N+F)] -> (sampled rows [B*N], forced rows [B*F]) and back.
+    split = lambda x: (x.reshape(b, n + f, -1)[:, :n].reshape(r, -1),  # noqa: E731
+                       x.reshape(b, n + f, -1)[:, n:].reshape(b * f, -1))
+    merge = lambda x, y: jnp.concatenate(  # noqa: E731
+        [x.reshape(b, n), y.reshape(b, f)], axis=1).reshape(b * (n + f))
 
   if temperature > 0.0:
     # Every step's two uniforms per row, drawn before the loop from the same keys as in it
@@ -254,8 +253,10 @@ def sample_fn(config: gemma.GemmaConfig, params: Any, prompt_tokens: Array, prom
         jax.random.fold_in(k, s), (2,)))(keys))(jnp.arange(t))             # [T, R, 2]
 
   def cond(state):
-    i, done = state[0], state[3]
-    return (i < t) & ~(jnp.all(done) & (jnp.all(state[6]["done"]) if f else True))
+    i, finished = state[0], jnp.all(state[3])
+    if f:
+      finished &= jnp.all(state[6]["done"])
+    return (i < t) & ~finished
 
   def body(state):
     i, token, pos, done, cache, out = state[:6]
