@@ -4,7 +4,7 @@
 samples; 'pass': a teacher-forced pass of the anchor over the policy's sample after sampling. The
 rollout is `benchmarks/train_step.py`'s (2 anchor + 1 policy samples per prompt, 32 new tokens,
 bag-of-tokens reward, a step not logged), the two jits alternated call by call; prints best and
-median ms of each.
+median ms of each and their ratios (pass / decode).
 
   python benchmarks/anchor_logp.py [REPEATS]           # gemma3_35m, 16 prompts x 16 tokens
   python benchmarks/anchor_logp.py [REPEATS] --gguf    # the real Gemma 3 270M, 4 x 12
@@ -65,6 +65,9 @@ def main():
   for k, v in res.items():
     print(f"{preset} anchor_logp={k}: rollout jit best {min(v) * 1e3:.1f} ms, median "
           f"{np.median(v) * 1e3:.1f} ms; calls {[round(x * 1e3) for x in v]}")
+  best, median = ({k: f(v) for k, v in res.items()} for f in (min, np.median))
+  print(f"pass / decode: {best['pass'] / best['decode']:.2f}x best / best, "
+        f"{median['pass'] / median['decode']:.2f}x median / median")
 
 
 if __name__ == "__main__":
