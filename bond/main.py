@@ -139,19 +139,11 @@ def _malloc_hugepages(config) -> None:
   logging.info(hugepages.status())
 
 
-def _compilation_cache(path: str) -> None:
-  """JAX's persistent compilation cache: a rerun of a config reaches its first step without
-  recompiling (programs that took >= 1 s to compile are stored)."""
-  if path:
-    import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def _run(config):
   from bond import config as config_lib
   config_lib.validate(config)      # bad values and missing files fail here, before any compute
-  _compilation_cache(config.train.compilation_cache)
+  from bond import aot
+  aot.enable_compilation_cache(config.train.compilation_cache)   # reruns skip compiling
   if _MODE.value == "train":
     from bond import train
     train.train_and_evaluate(config, _WORKDIR.value)

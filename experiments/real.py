@@ -1272,11 +1272,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if argv is None:   # run as a script: glibc's huge pages, as `python -m bond.main` re-executes
       from bond import hugepages
       hugepages.reexec_for(base)
-    if base.train.compilation_cache:   # as `python -m bond.main` does
-      import jax
-      jax.config.update("jax_compilation_cache_dir",
-                        os.path.expanduser(base.train.compilation_cache))
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from bond import aot   # as `python -m bond.main` does
+    aot.enable_compilation_cache(base.train.compilation_cache)
     for name in names:
       config = run_config(RUNS[name], args, args.out)
       print(train_one(RUNS[name], config, args, args.out), flush=True)

@@ -3,6 +3,7 @@ when a stored program may be reused."""
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -281,6 +282,47 @@ def test_program_in_jax_cache_is_compiled_afresh_and_stored(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip() == "[False, True, True] ['f-k.pkl']", out.stdout + out.stderr[-3000:]
+
+
+QUICK_PROGRAM_SCRIPT = """
+import pathlib, sys, time, jax, jax.numpy as jnp
+from bond import aot
+root = pathlib.Path(sys.argv[1])
+if sys.argv[2] == "bond":
+  aot.enable_compilation_cache(str(root))
+else:   # the control: JAX's own threshold
+  jax.config.update("jax_compilation_cache_dir", str(root))
+start = time.perf_counter()
+jax.jit(lambda x: x * 3 + 1).lower(jnp.ones(7)).compile()
+print(time.perf_counter() - start, len(list(root.glob("*-cache"))))
+"""
+
+
+@pytest.mark.parametrize("setting", ["bond", "jax_default"])
+def test_compilation_cache_keeps_programs_that_compile_quickly(tmp_path, setting):
+  """`aot.enable_compilation_cache` (the CLI's `train.compilation_cache`) stores a program that
+  compiled in milliseconds; with JAX's default threshold (1 s) nothing is stored."""
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", QUICK_PROGRAM_SCRIPT, str(tmp_path), setting],
+                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  seconds, stored = out.stdout.split()
+  assert float(seconds) < 1.0
+  assert (int(stored) > 0) == (setting == "bond"), out.stdout    # entries stored
+
+
+def test_compilation_cache_on_a_remote_directory_keeps_jax_threshold(monkeypatch):
+  """A gs:// cache keeps JAX's 1 s threshold; '' sets nothing (no JAX setting is changed here)."""
+  calls = []
+  monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append((name, value)))
+  aot.enable_compilation_cache("gs://bucket/cache")
+  aot.enable_compilation_cache("")
+  aot.enable_compilation_cache("~/c")
+  assert calls == [("jax_compilation_cache_dir", "gs://bucket/cache"),
+                   ("jax_persistent_cache_min_compile_time_secs", 1.0),
+                   ("jax_compilation_cache_dir", os.path.expanduser("~/c")),
+                   ("jax_persistent_cache_min_compile_time_secs", 0.0)]
 
 
 def test_executable_without_code_is_not_stored(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@ the non-finite guard, HF export, remote (gs://) workdir I/O.
 
 End-to-end tests run `python -m bond.main` as subprocesses on the toy J-BOND job (80 steps,
 checkpoint every 10, log every 5) and compare against an uninterrupted run of the same command;
-they share one persistent XLA compilation cache so that only the first run compiles.
+they share the CLI's persistent compilation cache (`train.compilation_cache`, every program in it:
+`aot.enable_compilation_cache`), so that only the first run compiles.
 """
 
 import json
@@ -38,17 +39,14 @@ TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory):
+def launch():
   """`launch(workdir, *flags) -> (process, log)` starts `python -m bond.main` on `workdir`
   (stdout+stderr to a log file beside it); runs still alive at teardown are killed."""
-  jax_cache = tmp_path_factory.mktemp("xla_cache")
   procs = []
 
   def start(workdir, *extra):
     log = pathlib.Path(f"{workdir}.{time.monotonic_ns()}.log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
     with open(log, "w") as f:
       procs.append(subprocess.Popen(
           [sys.executable, "-m", "bond.main", f"--workdir={workdir}", *FLAGS, *extra], cwd=ROOT,
