@@ -185,17 +185,13 @@ def storable(compiled) -> str | None:
 
 def enable_compilation_cache(path: str) -> None:
   """JAX's persistent compilation cache in `path` (`train.compilation_cache`; '' leaves it off),
-  holding every program, however quickly it compiled.
+  holding every program, however quickly it compiled, as JAX's own quick start sets it.
 
-  JAX's default stores only programs that took >= 1 s to compile. A run also compiles a few
-  hundred small programs at ~30 ms each (eager ops: e.g. the random init, the toy task's exact
-  metrics and Best-of-N curve); stored, a rerun loads them instead. A
-  rerun of the README's toy job (`python -m bond.main --workdir=W`) then takes 11.8-12.2 s
-  instead of 21.5-21.7 s (first runs: 36-39 s either way); the Gemma 3 270M test job's rerun
-  24-27 s either way, its time being in the few big programs (benchmarks/RESULTS.md, session
-  29). JAX's own quick start sets the same. A remote directory (gs://...) keeps JAX's 1 s: there
-  each entry read is a round trip, which may cost more than compiling a small program (not
-  measured).
+  JAX's default keeps only programs that took >= 1 s to compile; a run also compiles a few
+  hundred small ones (eager ops: the random init, the toy task's exact metrics, ...), which a
+  rerun then loads instead (the toy job's rerun 2.06x faster: `python benchmarks/first_step.py
+  --threshold-baseline`, benchmarks/RESULTS.md session 29). A remote directory (gs://...) keeps
+  the 1 s threshold: there each entry read is a round trip (not measured).
   """
   if path:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
