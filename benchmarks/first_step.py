@@ -191,18 +191,18 @@ def main():
               f"{report['wall']:>9.1f} {report['user']:>7.1f} "
               f"{report['sys']:>6.1f} " + " ".join(cells)
               + f"   {report['hugepages']}", flush=True)
-  if "jax" in warm:
-    (p_first, p_beyond, _), (j_first, j_beyond, _) = warm["programs"], warm["jax"]
-    print(f"* baseline: --config.train.program_cache=False (JAX's persistent cache alone). Warm "
-          f"first step {p_first:.2f} s vs {j_first:.2f} s: {j_first / p_first:.2f}x; process "
-          f"start to first step beyond the model's load {p_beyond:.2f} s vs {j_beyond:.2f} s: "
-          f"{j_beyond / p_beyond:.2f}x")
-  if "1s" in warm:
-    (p_first, p_beyond, p_wall), (t_first, t_beyond, t_wall) = warm["programs"], warm["1s"]
-    print(f"+ baseline: JAX's cache keeps only programs that took >= 1 s to compile. Warm first "
-          f"step {p_first:.2f} s vs {t_first:.2f} s: {t_first / p_first:.2f}x; beyond the "
-          f"model's load {p_beyond:.2f} s vs {t_beyond:.2f} s: {t_beyond / p_beyond:.2f}x; "
-          f"process {p_wall:.1f} s vs {t_wall:.1f} s: {t_wall / p_wall:.2f}x")
+  baselines = {"jax": "* baseline: --config.train.program_cache=False (JAX's persistent cache "
+                       "alone)",
+               "1s": "+ baseline: JAX's cache keeps only programs that took >= 1 s to compile"}
+  p_first, p_beyond, p_wall = warm["programs"]
+  for variant, label in baselines.items():
+    if variant in warm:
+      b_first, b_beyond, b_wall = warm[variant]
+      print(f"{label}. Warm first step {p_first:.2f} s vs {b_first:.2f} s: "
+            f"{b_first / p_first:.2f}x; process start to first step beyond the model's load "
+            f"{p_beyond:.2f} s vs {b_beyond:.2f} s: {b_beyond / p_beyond:.2f}x; process "
+            f"{p_wall:.1f} s vs {b_wall:.1f} s: {b_wall / p_wall:.2f}x")
+
 
 if __name__ == "__main__":
   main()
