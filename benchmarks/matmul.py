@@ -10,9 +10,12 @@ kernel the sampler's decode loop uses where it can: on AMX tiles where the CPU h
 else AVX512-BF16), on the same chain; with AMX, a last column gives the same kernel on AVX512.
 
   python benchmarks/matmul.py
+  python benchmarks/matmul.py --rows 48,64      # the J-BOND anchor's loop, the sampler at 64 rows
 """
 
 from __future__ import annotations
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +68,9 @@ def torch_chain(m: int, k: int, n: int) -> float:
 
 
 def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rows", default="8,32", help="comma-separated M (rows being sampled)")
+  args = parser.parse_args()
   import torch
   torch.set_num_threads(2)
   x = jnp.ones((256 * 2**20,), jnp.bfloat16)
@@ -81,7 +87,7 @@ def main():
   print(f"{'M':>3} {'K':>5} {'N':>6} | {'XLA GB/s':>8} {'GFLOP/s':>7} | {'kernel GB/s':>11} "
         f"{'GFLOP/s':>7} | {'torch GB/s':>10} {'GFLOP/s':>7} | XLA/kernel torch/kernel")
   rate = lambda t, m, k, n: f"{2 * k * n / t / 1e9:.1f} {2 * m * k * n / t / 1e9:>7.0f}"  # noqa: E731
-  for m in (8, 32):
+  for m in [int(r) for r in args.rows.split(",")]:
     for k, n in SHAPES:
       t_xla, t_torch = xla_chain(m, k, n), torch_chain(m, k, n)
       t_ker = xla_chain(m, k, n, kernel=True) if kernel else float("nan")

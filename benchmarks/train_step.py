@@ -22,7 +22,9 @@ and as the median of the per-pair ratios.
 Printed: per-phase best times, the sum of the parts against the whole step (timed apart), the
 fwd+bwd's model-FLOPs utilisation (6 · params · tokens of the two grad passes, against the bf16
 matmul peak measured in this run), bond/PyTorch per whole step, compile (first call − steady
-state) and peak RSS.
+state) and peak RSS; then the roofline floor of bond's step (`step_floor`: its work at this run's
+highest bf16 matmul rate and its measured memory bandwidth) against the time 3x the PyTorch step
+allows, so the printout says whether issue 16's 3x is within this host's reach at all.
 
   python benchmarks/train_step.py                   # gemma3_35m, 16 prompts x 16 + 32 tokens
   python benchmarks/train_step.py --gguf            # real Gemma 3 270M, 4 prompts x 12 + 32 tokens
@@ -72,6 +74,38 @@ def jbond_config(preset: str, new_tokens: int, anchor_logp: str = "decode"):
   config.sampling.max_new_tokens = new_tokens
   config.optim.update(lr=LR, warmup_steps=0, grad_clip=CLIP)
   return config
+
+
+def step_floor(config, params, b: int, p: int, t: int, peak: float, bandwidth: float,
+               anchor_logp: str = "decode") -> dict:
+  """Roofline floor (s) of bond's J-BOND step's work on this host: each phase's FLOPs at the
+  matmul `peak` or its bytes at the memory `bandwidth`, whichever is slower, and nothing else.
+
+  The work counted is what bond's step does (a floor for its design, not for any J-BOND step):
+  sampling: each model's prompt pass (`sampler.roofline_prefill`), then per new token one decode
+  step per model, whose rows are the policy's b samples and the anchor's 2b (+ b forced rows
+  scoring the policy's samples with anchor_logp='decode'), each max(weights + KV bytes /
+  bandwidth, FLOPs / peak) (`sampler.roofline_step`); fwd+bwd: each prompt once with its 2 graded
+  completions behind it, the vocabulary projection at the 2t completion positions only, 3x the
+  forward's matmul FLOPs; no-grad pass (anchor_logp='pass'): the anchor on the policy samples;
+  optimizer + anchor: the clipping's norm reads g, Adam reads g, mu, nu, theta and writes three
+  of them, the EMA reads and writes theta_anchor, all f32.
+  """
+  import jax
+
+  import sampler   # benchmarks/sampler.py
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_embed = sampler.embedding_size(params)
+  body = n_params - n_embed
+  anchor_rows = NUM_ANCHOR * b + (b if anchor_logp == "decode" else 0)
+  decode = sum(sampler.roofline_step(config, params, rows, p + i + 1, bandwidth, peak)
+               for rows in (b, anchor_rows) for i in range(t))
+  prefill = 2 * sampler.roofline_prefill(params, b, p, peak)     # policy and anchor
+  fwd_bwd = 3 * (2 * body * b * (p + 2 * t) + 2 * n_embed * b * 2 * t) / peak
+  no_grad = (2 * body * b * (p + t) + 2 * n_embed * b * t) / peak if anchor_logp == "pass" else 0.
+  update = 10 * 4 * n_params / bandwidth
+  return {"sampling": prefill + decode, "no-grad passes": no_grad, "fwd+bwd": fwd_bwd,
+          "optimizer + anchor": update}
 
 
 def reward_weights(vocab: int) -> np.ndarray:
@@ -409,6 +443,7 @@ def main():
   load = os.getloadavg()
   start = time.perf_counter()
   peak = sampler.matmul_peak(jnp.bfloat16)
+  bandwidth = sampler.memory_bandwidth()
   if args.gguf:
     from bond import assets
     name = "Gemma 3 270M (GGUF)"
@@ -492,6 +527,23 @@ def main():
         f"{flops / 1e9:.1f} GFLOP, peak {peak / 1e9:.0f} GFLOP/s): bond "
         f"{flops / bond_parts[3] / 1e9:.0f} GFLOP/s = {mfu(bond_parts[3]):.0%}, torch "
         f"{flops / torch_parts[3] / 1e9:.0f} GFLOP/s = {mfu(torch_parts[3]):.0%}")
+  floor_peak = max(peak, flops / torch_parts[3] if torch_result else 0.)
+  floor = step_floor(model_config, params, b, p, t, floor_peak, bandwidth, args.anchor_logp)
+  # bond's fwd+bwd does less than 6 x params x tokens (each prompt once, the vocabulary only at
+  # completion positions): its own rate is its floor's FLOPs over its time.
+  floor_peak = max(floor_peak, floor["fwd+bwd"] * floor_peak / bond_parts[3])
+  floor = step_floor(model_config, params, b, p, t, floor_peak, bandwidth, args.anchor_logp)
+  total = sum(floor.values())
+  print(f"roofline floor of bond's step (peak {floor_peak / 1e9:.0f} GFLOP/s, the highest bf16 "
+        f"matmul rate of this run: the probe, bond's or torch's fwd+bwd; memory {bandwidth / 1e9:.1f}"
+        f" GB/s): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in floor.items() if v)
+        + f"; total {total * 1e3:.1f} ms; bond's whole step runs at {total / bond_whole:.0%} of roofline "
+        "speed (floor / step)")
+  if torch_result:
+    target = torch_whole / 3
+    print(f"3x the torch step needs bond's step <= {target * 1e3:.1f} ms: "
+          + (f"beyond this host (at its floor bond's step would be {torch_whole / total:.2f}x)"
+             if total > target else f"the step at >= {total / target:.0%} of roofline speed"))
   first_two = ours["step (rollout + update jits)"][0]
   print(f"compile (first call - steady state): bond step {first_two - bond_whole:.1f} s"
         + (f", make_train_step {ours['step (make_train_step, 1 jit)'][0] - one:.1f} s"

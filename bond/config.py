@@ -60,7 +60,7 @@ RANGES = {
     "train.checkpoint_every": (0, None), "train.keep_checkpoints": (1, None),
     "eval.every": (1, None), "eval.num_prompts": (1, None), "eval.ref_samples": (2, None),
     "eval.policy_samples": (1, None), "eval.chunk_rows": (1, None),
-    "model.logprob_chunk": (0, None),
+    "model.logprob_chunk": (0, None), "model.logprob_keep_mb": (0, None),
 }
 
 # Keys that must be strictly positive.

@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   #                                   rows of the tied embedding (bond/logprobs.py: no [rows, V]
   #                                   logits forward or backward); 0, or a vocabulary of at most
   #                                   this many tokens: through the full logits
+  c.model.logprob_keep_mb = 1024    # chunked log-probs under autodiff: the forward keeps the
+  #                                   [rows, V] f32 logits for the backward while they fit in
+  #                                   this many MiB, else the backward recomputes them (0: always)
   c.model.share_prompt = True       # chunked log-probs of N > 1 completions per prompt: each
   #                                   prompt through the layers once, its completions behind it
   #                                   (bond/logprobs.py `packed_rows`; the same log-probs);

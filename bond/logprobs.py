@@ -1,11 +1,15 @@
-"""Teacher-forced log-probs over a large vocabulary, chunk by chunk: never a [rows, V] array.
+"""Teacher-forced log-probs over a large vocabulary, chunk by chunk: no [rows, V] gradient.
 
 `Gemma.apply` returns f32 logits [B, T, V]; with Gemma 3's V = 262,144 those (and their
 gradient) dwarf the rest of a small model's activations. Here log p(y) = cap(logit_y) − lse:
 the target's logit is one gathered row per position (`target_logits`, plain autodiff), and the
 logsumexp runs over chunks of the tied embedding [V, D] (`chunked_logsumexp`): the forward
-streams a running max and sum, the backward (a `jax.custom_vjp`) recomputes each chunk's logits
-and accumulates d_hidden and the chunk's rows of d_embedding. The largest array is [rows, C].
+streams a running max and sum, the backward (a `jax.custom_vjp`) takes each chunk's logits and
+accumulates d_hidden and the chunk's rows of d_embedding. Without gradients the largest array is
+[rows, C]. Under autodiff the backward recomputes each chunk's logits, or, where the [rows, V]
+f32 logits fit a budget (`keeps_logits`; the training step's `model.logprob_keep_mb`), reads the
+ones the forward kept: one vocabulary matmul fewer (of three; of two with a frozen embedding,
+whose gradient XLA drops), the same gradients bit for bit.
 
 Numerics follow the model's `Backend.logits` and `objectives.token_log_probs`: `dtype` x `dtype`
 matmuls accumulated in f32, the final soft-cap tanh(l / c) · c and the log-probs in f32. The
@@ -35,6 +39,10 @@ Params = Any
 # matmuls dominate; smaller chunks add per-step overhead, larger ones only grow the temporaries.
 # A vocabulary no larger than this is one chunk.
 DEFAULT_CHUNK_SIZE = 8192
+# The training step's default budget (config key `model.logprob_keep_mb`) for the f32 logits
+# [N, V] that the forward keeps for the backward instead of recomputing them: one vocabulary
+# matmul of three (two with a frozen embedding) fewer. Gemma 3 270M, 1024 MiB: up to 1024 rows.
+DEFAULT_KEEP_LOGITS_MB = 1024
 
 
 def _cap(logits: Array, softcap: float | None) -> tuple[Array, Array | None]:
@@ -45,11 +53,10 @@ def _cap(logits: Array, softcap: float | None) -> tuple[Array, Array | None]:
   return t * softcap, t
 
 
-def _chunk_logits(hidden: Array, emb: Array, softcap: float | None, dtype: Any):
-  """Capped logits [N, C] f32 of hidden [N, D] against emb [C, D], and the cap's tanh."""
-  raw = jnp.einsum("ND,CD->NC", hidden.astype(dtype), emb.astype(dtype),
-                   preferred_element_type=jnp.float32)
-  return _cap(raw, softcap)
+def _chunk_raw_logits(hidden: Array, emb: Array, dtype: Any) -> Array:
+  """Uncapped logits [N, C] f32 of hidden [N, D] against emb [C, D]."""
+  return jnp.einsum("ND,CD->NC", hidden.astype(dtype), emb.astype(dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def _materialised_transpose(x: Array) -> Array:
@@ -60,73 +67,93 @@ def _materialised_transpose(x: Array) -> Array:
   return jax.lax.optimization_barrier(x.T.reshape(-1)).reshape(cols, rows)
 
 
-def _scan_chunks(step, carry, embedding: Array, chunk_size: int):
-  """carry = step(carry, start, embedding[start:start + size]) over the vocab chunks in order;
-  the last chunk is shorter when chunk_size does not divide V (no padding, no copy of E)."""
+def _scan_chunks(step, carry, embedding: Array, chunk_size: int, saved=(None, None)):
+  """carry, out = step(carry, start, embedding[start:start + size], saved chunk) over the vocab
+  chunks in order; the last chunk is shorter when chunk_size does not divide V (no padding, no
+  copy of E). saved and the returned outs are (the full chunks' [full, ...] stacked, the short
+  last chunk's), either None."""
   vocab = embedding.shape[0]
   full, rest = vocab // chunk_size, vocab % chunk_size
+  saved_full, saved_rest = saved
+  out_full = out_rest = None
   if full == 1:
-    carry = step(carry, 0, embedding[:chunk_size])
+    carry, out = step(carry, 0, embedding[:chunk_size],
+                      None if saved_full is None else saved_full[0])
+    out_full = None if out is None else out[None]
   elif full:
     # A bf16 table is sliced as its uint16 bits: XLA:CPU has no bf16 dynamic-slice, and converted
     # the whole table to f32 (hoisted out of the loop: 671 MB for Gemma 3's) to slice it.
     bits = embedding.dtype == jnp.bfloat16
     table = jax.lax.bitcast_convert_type(embedding, jnp.uint16) if bits else embedding
 
-    def body(carry, i):
+    def body(carry, xs):
+      i, saved_chunk = xs
       start = i * chunk_size
       emb = jax.lax.dynamic_slice_in_dim(table, start, chunk_size)
       emb = jax.lax.bitcast_convert_type(emb, jnp.bfloat16) if bits else emb
-      return step(carry, start, emb), None
-    carry, _ = jax.lax.scan(body, carry, jnp.arange(full))
+      return step(carry, start, emb, saved_chunk)
+    carry, out_full = jax.lax.scan(body, carry, (jnp.arange(full), saved_full))
   if rest:
     start = full * chunk_size
-    carry = step(carry, start, embedding[start:])
-  return carry
+    carry, out_rest = step(carry, start, embedding[start:], saved_rest)
+  return carry, (out_full, out_rest)
 
 
-def _logsumexp(hidden, embedding, softcap, dtype, chunk_size):
-  """[N] f32 logsumexp of the capped logits, streamed: running max m and Σ exp(l − m)."""
-  def step(carry, start, emb):
-    del start
+def _logsumexp(hidden, embedding, softcap, dtype, chunk_size, keep=False):
+  """([N] f32 logsumexp of the capped logits, streamed: running max m and Σ exp(l − m); with
+  keep, each chunk's uncapped f32 logits as `_scan_chunks` returns outs, else (None, None))."""
+  def step(carry, start, emb, saved):
+    del start, saved
     m, s = carry
-    logits, _ = _chunk_logits(hidden, emb, softcap, dtype)
+    raw = _chunk_raw_logits(hidden, emb, dtype)
+    logits, _ = _cap(raw, softcap)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=-1)
-    return m_new, s
+    return (m_new, s), raw if keep else None
 
   n = hidden.shape[0]
   init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
-  m, s = _scan_chunks(step, init, embedding, chunk_size)
-  return m + jnp.log(s)
+  (m, s), kept = _scan_chunks(step, init, embedding, chunk_size)
+  return m + jnp.log(s), kept
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def keeps_logits(rows: int, vocab: int, keep_mb: float) -> bool:
+  """Whether the backward reads the forward's logits (rows x vocab f32 within keep_mb MiB)
+  instead of recomputing them."""
+  return rows * vocab * 4 <= keep_mb * 2**20
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def chunked_logsumexp(hidden: Array, embedding: Array, softcap: float | None, dtype: Any,
-                      chunk_size: int) -> Array:
+                      chunk_size: int, keep: bool = False) -> Array:
   """logsumexp_v cap(hidden @ embedding.T)[:, v]: hidden [N, D], embedding [V, D] -> [N] f32.
 
   Vocab chunks of chunk_size (static; the last one shorter if it does not divide V, one chunk
-  if it is >= V); the backward recomputes each chunk's logits.
+  if it is >= V). The backward recomputes each chunk's logits, or with keep (static) reads the
+  ones the forward kept: one vocabulary matmul fewer at the cost of an [N, V] f32 residual
+  (`keeps_logits`; the same gradients, tests/test_logprobs.py).
   """
-  return _logsumexp(hidden, embedding, softcap, dtype, chunk_size)
+  return _logsumexp(hidden, embedding, softcap, dtype, chunk_size)[0]
 
 
-def _logsumexp_fwd(hidden, embedding, softcap, dtype, chunk_size):
-  lse = _logsumexp(hidden, embedding, softcap, dtype, chunk_size)
-  return lse, (hidden, embedding, lse)
+def _logsumexp_fwd(hidden, embedding, softcap, dtype, chunk_size, keep):
+  lse, kept = _logsumexp(hidden, embedding, softcap, dtype, chunk_size, keep)
+  return lse, (hidden, embedding, lse, kept)
 
 
-def _logsumexp_bwd(softcap, dtype, chunk_size, residuals, g):
+def _logsumexp_bwd(softcap, dtype, chunk_size, keep, residuals, g):
   """d_logits = g · softmax through the cap's 1 − tanh²; d_hidden += d_logits @ E_chunk and
   d_embedding[chunk] = d_logits.T @ hidden, chunk by chunk, in `dtype` with f32 accumulation."""
-  hidden, embedding, lse = residuals
+  del keep
+  hidden, embedding, lse, kept = residuals
   g = g.astype(jnp.float32)
   h = hidden.astype(dtype)
 
-  def step(carry, start, emb):
+  def step(carry, start, emb, raw):
     d_hidden, d_embedding = carry
-    logits, t = _chunk_logits(hidden, emb, softcap, dtype)
+    if raw is None:
+      raw = _chunk_raw_logits(hidden, emb, dtype)
+    logits, t = _cap(raw, softcap)
     d_logits = g[:, None] * jnp.exp(logits - lse[:, None])
     if t is not None:
       d_logits = d_logits * (1.0 - t * t)
@@ -137,10 +164,10 @@ def _logsumexp_bwd(softcap, dtype, chunk_size, residuals, g):
                        preferred_element_type=jnp.float32)
     d_embedding = jax.lax.dynamic_update_slice_in_dim(
         d_embedding, d_emb.astype(embedding.dtype), start, 0)
-    return d_hidden, d_embedding
+    return (d_hidden, d_embedding), None
 
   init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(embedding.shape, embedding.dtype))
-  d_hidden, d_embedding = _scan_chunks(step, init, embedding, chunk_size)
+  (d_hidden, d_embedding), _ = _scan_chunks(step, init, embedding, chunk_size, kept)
   return d_hidden.astype(hidden.dtype), d_embedding
 
 
@@ -158,13 +185,16 @@ def target_logits(hidden: Array, embedding: Array, targets: Array, softcap: floa
 
 def token_log_probs_chunked(hidden: Array, embedding: Array, targets: Array, *,
                             softcap: float | None = None, dtype: Any = None,
-                            chunk_size: int | None = None) -> Array:
+                            chunk_size: int | None = None,
+                            keep_logits_mb: float = 0) -> Array:
   """log softmax(cap(hidden @ embedding.T))[targets]: hidden [N, D], embedding [V, D], targets
   [N] int in [0, V) -> [N] f32, over vocab chunks of `chunk_size` (default `DEFAULT_CHUNK_SIZE`).
 
   Matmuls in `dtype` (default hidden's) accumulated in f32; cap(l) = tanh(l / softcap) · softcap
   in f32 (None or 0: no cap). The target's logit minus `chunked_logsumexp`; differentiable in
-  hidden and embedding, never holding [N, V].
+  hidden and embedding. Without gradients it never holds [N, V]; under autodiff the forward
+  keeps its f32 logits for the backward where they fit in keep_logits_mb MiB (`keeps_logits`),
+  else the backward recomputes them chunk by chunk.
   """
   if hidden.ndim != 2 or embedding.ndim != 2 or hidden.shape[1] != embedding.shape[1]:
     raise ValueError(f"hidden must be [N, D] and embedding [V, D], got {hidden.shape} and "
@@ -174,20 +204,26 @@ def token_log_probs_chunked(hidden: Array, embedding: Array, targets: Array, *,
   chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  if keep_logits_mb < 0:
+    raise ValueError(f"keep_logits_mb must be >= 0, got {keep_logits_mb}")
   softcap = float(softcap) if softcap else None
   dtype = jnp.dtype(dtype or hidden.dtype)
-  lse = chunked_logsumexp(hidden, embedding, softcap, dtype, min(chunk_size, embedding.shape[0]))
+  keep = keeps_logits(hidden.shape[0], embedding.shape[0], keep_logits_mb)
+  lse = chunked_logsumexp(hidden, embedding, softcap, dtype, min(chunk_size, embedding.shape[0]),
+                          keep)
   return target_logits(hidden, embedding, targets, softcap, dtype) - lse
 
 
 def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt_tokens: Array,
                          prompt_mask: Array, tokens: Array, mask: Array, *,
-                         chunk_size: int | None = None, share_prompt: bool = True) -> Array:
+                         chunk_size: int | None = None, share_prompt: bool = True,
+                         keep_logits_mb: float = 0) -> Array:
   """log π(y|x) summed over the completion mask: tokens, mask [B, N, T] -> [B, N].
 
   `bond.rollout.completion_log_probs` without the [B·N, P+T, V] logits: one teacher-forced pass
   to the final hidden states, then the vocab projection at the T completion positions only,
-  chunked (`token_log_probs_chunked`). Masked positions contribute 0 (even NaN ones).
+  chunked (`token_log_probs_chunked`; keep_logits_mb: its backward's residual budget). Masked
+  positions contribute 0 (even NaN ones).
   Differentiable in params; the tied embedding gets both the lookup's and the projection's part.
 
   share_prompt (N > 1): run the B rows [x; y_1; ...; y_N] (`packed_rows`, `Gemma`'s
@@ -212,7 +248,8 @@ def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt
   targets = jnp.where(valid, tokens.reshape(-1), 0)
   lp = token_log_probs_chunked(hidden, params["input_embedding"], targets,
                                softcap=model_config.final_logit_softcap,
-                               dtype=model_config.dtype, chunk_size=chunk_size)
+                               dtype=model_config.dtype, chunk_size=chunk_size,
+                               keep_logits_mb=keep_logits_mb)
   return jnp.sum(jnp.where(valid, lp, 0.0).reshape(b, n, t), axis=-1)
 
 

@@ -77,7 +77,7 @@ class Rollout:
 def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt_tokens: Array,
                          prompt_mask: Array, tokens: Array, mask: Array, *,
                          chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE,
-                         share_prompt: bool = True) -> Array:
+                         share_prompt: bool = True, keep_logits_mb: float = 0) -> Array:
   """log π(y|x) summed over the completion mask: tokens, mask [B, N, T] -> [B, N].
 
   One teacher-forced pass over the B·N rows [x; y], differentiable in params. The vocabulary
@@ -88,12 +88,16 @@ def completion_log_probs(model_config: gemma.GemmaConfig, params: Params, prompt
   (`logprobs.completion_log_probs_full`, the reference; the toy harness's path).
   share_prompt (chunked path; config key `model.share_prompt`): each prompt runs through the
   layers once with its N completions behind it (`logprobs.packed_rows`), or as N rows (False).
+  keep_logits_mb (chunked path; config key `model.logprob_keep_mb`): under autodiff the forward
+  keeps the [rows, V] f32 logits for the backward where they fit in this many MiB, instead of
+  recomputing them (`logprobs.keeps_logits`; the same gradients).
   """
   if not is_chunked(model_config, chunk_size):
     return logprobs.completion_log_probs_full(model_config, params, prompt_tokens, prompt_mask,
                                               tokens, mask)
   return logprobs.completion_log_probs(model_config, params, prompt_tokens, prompt_mask, tokens,
-                                       mask, chunk_size=chunk_size, share_prompt=share_prompt)
+                                       mask, chunk_size=chunk_size, share_prompt=share_prompt,
+                                       keep_logits_mb=keep_logits_mb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +129,13 @@ def score_samples(reward_fn, batch: dict, samples: Samples, xp=np):
 
 
 def logprob_options(config) -> dict:
-  """`completion_log_probs`'s keyword options from the config: chunk_size (`model.logprob_chunk`)
-  and share_prompt (`model.share_prompt`, default True). Every teacher-forced pass takes them."""
+  """`completion_log_probs`'s keyword options from the config: chunk_size (`model.logprob_chunk`),
+  share_prompt (`model.share_prompt`, default True) and keep_logits_mb (`model.logprob_keep_mb`,
+  default `logprobs.DEFAULT_KEEP_LOGITS_MB`). Every teacher-forced pass takes them."""
   return dict(chunk_size=config.model.logprob_chunk,
-              share_prompt=bool(config.model.get("share_prompt", True)))
+              share_prompt=bool(config.model.get("share_prompt", True)),
+              keep_logits_mb=float(config.model.get("logprob_keep_mb",
+                                                    logprobs.DEFAULT_KEEP_LOGITS_MB)))
 
 
 def is_chunked(model_config: gemma.GemmaConfig, chunk_size: int) -> bool:

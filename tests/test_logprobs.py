@@ -122,11 +122,13 @@ def _token_reference(hidden, embedding, targets, softcap, dtype):
   return objectives.token_log_probs(logits[None], targets[None])[0]
 
 
+@pytest.mark.parametrize("keep_mb", [0, 1], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("softcap,chunk_size,emb_dtype", [
     (None, 7, jnp.float32), (3.0, 7, jnp.float32), (3.0, 25, jnp.float32),
     (None, 100, jnp.float32), (3.0, 4096, jnp.float32), (3.0, 7, jnp.bfloat16)])
-def test_token_log_probs_match_full_softmax(softcap, chunk_size, emb_dtype):
-  """f32 compute: V = 100 in chunks of 7 (uneven last), 25 (even), 100 and 4096 (one chunk)."""
+def test_token_log_probs_match_full_softmax(softcap, chunk_size, emb_dtype, keep_mb):
+  """f32 compute: V = 100 in chunks of 7 (uneven last), 25 (even), 100 and 4096 (one chunk); the
+  backward recomputes the logits or reads the ones the forward kept (1 MiB > 20 x 100 x 4 B)."""
   k = jax.random.split(jax.random.key(0), 3)
   hidden = 3.0 * jax.random.normal(k[0], (20, 16))
   embedding = jax.random.normal(k[1], (100, 16)).astype(emb_dtype)
@@ -137,7 +139,8 @@ def test_token_log_probs_match_full_softmax(softcap, chunk_size, emb_dtype):
     lp, vjp = jax.vjp(fn, hidden, embedding)
     return lp, vjp(w)
   got, got_grads = jax.jit(run, static_argnums=0)(lambda h, e: logprobs.token_log_probs_chunked(
-      h, e, targets, softcap=softcap, dtype=jnp.float32, chunk_size=chunk_size))
+      h, e, targets, softcap=softcap, dtype=jnp.float32, chunk_size=chunk_size,
+      keep_logits_mb=keep_mb))
   want, want_grads = jax.jit(run, static_argnums=0)(
       lambda h, e: _token_reference(h, e, targets, softcap, jnp.float32))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -146,6 +149,53 @@ def test_token_log_probs_match_full_softmax(softcap, chunk_size, emb_dtype):
   tol = 1e-5 if emb_dtype == jnp.float32 else 1e-2
   assert _max_rel_err(got_grads[0], want_grads[0]) <= 1e-5
   assert _max_rel_err(got_grads[1], want_grads[1]) <= tol
+
+
+@pytest.mark.parametrize("softcap,chunk_size,emb_dtype", [
+    (None, 7, jnp.float32), (3.0, 25, jnp.bfloat16), (3.0, 100, jnp.bfloat16)])
+def test_kept_logits_give_the_recomputed_gradients_with_one_matmul_fewer(softcap, chunk_size,
+                                                                         emb_dtype):
+  """Under value_and_grad, a budget that holds the [N, V] f32 logits (here 20 x 100 x 4 B) makes
+  the backward read the forward's logits: the same log-probs and gradients bit for bit, one
+  vocabulary matmul fewer per chunk in the compiled program, and an [N, V]-sized residual that
+  the recomputing program does not hold. One byte less than N x V x 4: recomputed."""
+  k = jax.random.split(jax.random.key(1), 3)
+  hidden = (3.0 * jax.random.normal(k[0], (20, 16))).astype(jnp.bfloat16)
+  embedding = jax.random.normal(k[1], (100, 16)).astype(emb_dtype)
+  targets = jax.random.randint(k[2], (20,), 0, 100)
+  w = jnp.linspace(-1.0, 1.5, 20)
+  exact_mb = 20 * 100 * 4 / 2**20
+  assert logprobs.keeps_logits(20, 100, exact_mb)
+  assert not logprobs.keeps_logits(20, 100, exact_mb - 1 / 2**20)
+
+  def program(keep_mb):
+    def loss(h, e):
+      lp = logprobs.token_log_probs_chunked(h, e, targets, softcap=softcap, dtype=jnp.bfloat16,
+                                            chunk_size=chunk_size, keep_logits_mb=keep_mb)
+      return jnp.sum(w * lp), lp
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    compiled = fn.lower(hidden, embedding).compile().as_text()
+    return fn(hidden, embedding), _dots(jax.make_jaxpr(fn)(hidden, embedding).jaxpr), \
+        compiled.count(" dot(")
+
+  (kept, kept_dots, kept_hlo_dots), (recomputed, recomputed_dots, recomputed_hlo_dots) = (
+      program(exact_mb), program(exact_mb - 1 / 2**20))
+  for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(recomputed)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  # Per chunk body (scanned chunks, a short last one): the forward's dot, the backward's two
+  # (d_hidden, d_embedding) and, recomputing, the forward's again.
+  bodies = 1 + (100 % chunk_size > 0) if chunk_size < 100 else 1
+  assert recomputed_dots - kept_dots == bodies, (recomputed_dots, kept_dots)
+  # Compiled, the scan body's recompute stays; outside a loop XLA may merge a recompute with the
+  # forward's dot (common subexpressions).
+  if chunk_size < 100:
+    assert recomputed_hlo_dots > kept_hlo_dots, (recomputed_hlo_dots, kept_hlo_dots)
+
+
+def _dots(jaxpr) -> int:
+  """dot_general equations in jaxpr and its nested jaxprs."""
+  return (sum(eqn.primitive.name == "dot_general" for eqn in jaxpr.eqns)
+          + sum(_dots(sub) for sub in _subjaxprs(jaxpr)))
 
 
 def test_softcap_bites_in_token_test_data():
@@ -311,7 +361,8 @@ def test_config_key_chooses_the_path_everywhere(monkeypatch):
   from bond import rollout
   calls = []
   monkeypatch.setattr(logprobs, "completion_log_probs",
-                      lambda *a, chunk_size, share_prompt: calls.append(("chunked", chunk_size)))
+                      lambda *a, chunk_size, share_prompt, keep_logits_mb=0:
+                      calls.append(("chunked", chunk_size)))
   monkeypatch.setattr(logprobs, "completion_log_probs_full", lambda *a: calls.append("full"))
   big, small = presets.get("gemma3_270m"), presets.get("tiny_gemma3")
   assert big.vocab_size > logprobs.DEFAULT_CHUNK_SIZE > small.vocab_size
@@ -333,11 +384,13 @@ def test_training_step_and_evaluation_use_the_configured_chunk(monkeypatch):
   from bond import data as data_lib
   from bond import heldout, steps, train
   from configs import toy_jbond
-  seen = []
+  seen, kept = [], set()
   real = logprobs.completion_log_probs
-  def spy(*args, chunk_size, share_prompt):
+  def spy(*args, chunk_size, share_prompt, keep_logits_mb=0):
     seen.append((chunk_size, share_prompt))
-    return real(*args, chunk_size=chunk_size, share_prompt=share_prompt)
+    kept.add(keep_logits_mb)
+    return real(*args, chunk_size=chunk_size, share_prompt=share_prompt,
+                keep_logits_mb=keep_logits_mb)
   monkeypatch.setattr(logprobs, "completion_log_probs", spy)
   losses = {}
   # The toy vocabulary has 5 tokens: chunks of 2, 2 and 1, each prompt's samples packed in one row
@@ -345,6 +398,7 @@ def test_training_step_and_evaluation_use_the_configured_chunk(monkeypatch):
   for chunk, share in ((2, True), (2, False), (0, True)):
     config = toy_jbond.get_config()
     config.model.logprob_chunk, config.model.share_prompt = chunk, share
+    config.model.logprob_keep_mb = 3      # reaches the training step's passes
     exp = train.build(config, held_out=True)
     optimizer = steps.make_optimizer(config.optim)
     state = steps.init_state(exp.params, optimizer, seed=0)
@@ -354,6 +408,7 @@ def test_training_step_and_evaluation_use_the_configured_chunk(monkeypatch):
     ev = heldout.Evaluator(config, exp.model_config, exp.reward_fn, exp.eval_prompts)
     ev.load_or_draw_cache(exp.params, None)
   assert seen and set(seen) == {(2, True), (2, False)}, seen   # chunk 0: never the chunked path
+  assert 3 in kept, kept
   np.testing.assert_allclose(losses[2, True], losses[0, True], rtol=1e-5)
   np.testing.assert_allclose(losses[2, False], losses[0, True], rtol=1e-5)
 

@@ -1,0 +1,118 @@
+"""J-BOND's update jit with the vocabulary logits kept for the backward against recomputed.
+
+`model.logprob_keep_mb` (bond/logprobs.py `keeps_logits`): under autodiff the chunked log-probs'
+forward keeps its [rows, V] f32 logits for the backward while they fit in that many MiB, so the
+backward does not run the vocabulary matmul again; 0 recomputes them chunk by chunk (the code
+before session 30). The update is `benchmarks/train_step.py`'s (J-BOND loss on the policy's
+sample and the best anchor sample, Adam, EMA anchor; f32 params, bf16 compute) on one rollout
+drawn once; the two jits are alternated call by call, and each call's result is checked to be
+the other's bit for bit. Prints best and median ms of each, their ratios, and XLA's temporaries.
+
+  python benchmarks/kept_logits.py [REPEATS]                 # gemma3_35m, 16 prompts x (16 + 32)
+  python benchmarks/kept_logits.py [REPEATS] --gguf          # the real Gemma 3 270M, 4 x (12 + 32)
+  python benchmarks/kept_logits.py [REPEATS] --gguf --lora   # the same, LoRA rank 8 on a bf16 base
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import sampler  # noqa: E402
+import train_step as ts  # noqa: E402
+from bond import lora as lora_lib, rewards, rollout as rl, steps  # noqa: E402
+from bond.models import gemma, presets  # noqa: E402
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("repeats", type=int, nargs="?", default=8, help="calls of each jit")
+  parser.add_argument("--gguf", action="store_true", help="the real Gemma 3 270M (GGUF)")
+  parser.add_argument("--lora", action="store_true",
+                      help="LoRA rank 8 on every projection, bf16 frozen base (as "
+                           "configs/gemma3_270m_jbond_lora.py)")
+  parser.add_argument("--keep-mb", type=float, default=None,
+                      help="the kept side's budget (default: bond's, model.logprob_keep_mb)")
+  args = parser.parse_args()
+  if args.gguf:
+    from bond import assets
+    from bond.models import convert
+    mc, params = convert.from_gguf(assets.gemma3_270m_gguf_path())
+    mc = mc.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    b, p, preset = 4, 12, "gemma3_270m"
+  else:
+    mc = presets.get("gemma3_35m", dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    params = gemma.init_params(mc.replace(dtype=jnp.float32), jax.random.key(0))
+    b, p, preset = 16, 16, "gemma3_35m"
+  t = 32
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  mc = mc.replace(eos_id=-1)
+  tokens, _ = sampler.prompts(mc, b, p)
+  batch = {"prompt_tokens": jnp.asarray(tokens), "prompt_mask": jnp.ones(tokens.shape, bool)}
+  reward_fn = rewards.bag_of_tokens_reward(ts.reward_weights(mc.vocab_size))
+  configs = {}
+  for name in ("recomputed", "kept"):
+    config = ts.jbond_config(preset, t)
+    if args.lora:
+      config.model.lora.update(rank=8, alpha=16.0, targets="attn,mlp", base_dtype="bfloat16")
+    if name == "recomputed":
+      config.model.logprob_keep_mb = 0
+    elif args.keep_mb is not None:
+      config.model.logprob_keep_mb = args.keep_mb
+    configs[name] = config
+  keep_mb = configs["kept"].model.logprob_keep_mb
+  rows = b * 2 * t
+  print(f"{preset}{' LoRA r 8' if args.lora else ''}: {b} prompts x ({p} + {t}), {rows} graded "
+        f"rows x V {mc.vocab_size}: {rows * mc.vocab_size * 4 / 2**20:.0f} MiB of f32 logits; "
+        f"budget {keep_mb:g} MiB -> kept: {bool(rl.logprob_options(configs['kept'])['keep_logits_mb'] * 2**20 >= rows * mc.vocab_size * 4)}")
+  opt = steps.make_optimizer(configs["kept"].optim)
+  spec = lora_lib.spec_from_config(configs["kept"], mc)
+  state = steps.init_state(params, opt, seed=0, lora=spec)
+  rollout = jax.jit(lambda s, bt: rl.make_rollout_fn(configs["kept"], mc, reward_fn)(
+      s, bt, None, False))(state, batch)
+  fns = {k: jax.jit(steps.make_update_fn(c, mc, opt)) for k, c in configs.items()}
+  for k, f in fns.items():
+    compiled = f.lower(state, rollout).compile()
+    print(f"{k}: XLA temporaries {compiled.memory_analysis().temp_size_in_bytes / 2**20:.0f} MiB, "
+          f"{compiled.as_text().count(' dot(')} dots in the program")
+  # The two updates: the params' steps (new - old) and the loss, compared.
+  steps_of = lambda out: [np.asarray(n, np.float64) - np.asarray(o, np.float64)  # noqa: E731
+                          for n, o in zip(jax.tree.leaves(out[0].params),
+                                          jax.tree.leaves(state.params))]
+  out = fns["kept"](state, rollout)
+  kept_steps, kept_loss = steps_of(out), float(out[1]["loss"])
+  out = fns["recomputed"](state, rollout)
+  rec_steps, rec_loss = steps_of(out), float(out[1]["loss"])
+  del out
+  diff = max(float(np.abs(a - b_).max()) for a, b_ in zip(kept_steps, rec_steps))
+  scale = max(float(np.abs(b_).max()) for b_ in rec_steps)
+  equal = all(np.array_equal(a, b_) for a, b_ in zip(kept_steps, rec_steps))
+  print(f"loss {kept_loss!r} vs {rec_loss!r}; params' step bit for bit equal: {equal}, max |diff| "
+        f"{diff:.3g} of a largest step {scale:.3g}")
+  del kept_steps, rec_steps
+  # Timed as bond/train.py runs the update: donated, each side stepping its own copy of the state
+  # (a fresh output state per call would time this VM's first touch of gigabytes instead).
+  donated = {k: jax.jit(steps.make_update_fn(c, mc, opt), donate_argnums=0)
+             for k, c in configs.items()}
+  states = {"recomputed": jax.tree.map(jnp.copy, state), "kept": state}
+  del state, params, fns
+  res = {k: [] for k in donated}
+  for _ in range(args.repeats):
+    for k, f in donated.items():
+      start = time.perf_counter()
+      states[k] = jax.block_until_ready(f(states[k], rollout))[0]
+      res[k].append(time.perf_counter() - start)
+  for k, v in res.items():
+    print(f"{k}: update jit best {min(v) * 1e3:.1f} ms, median {np.median(v) * 1e3:.1f} ms; "
+          f"calls {[round(x * 1e3) for x in v]}")
+  best, median = ({k: f(v) for k, v in res.items()} for f in (min, np.median))
+  print(f"recomputed / kept: {best['recomputed'] / best['kept']:.2f}x best / best, "
+        f"{median['recomputed'] / median['kept']:.2f}x median / median")
+
+
+if __name__ == "__main__":
+  main()
