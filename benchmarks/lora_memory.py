@@ -10,6 +10,7 @@ training; the teacher-forced passes use the chunked log-probs (the default,
   python benchmarks/lora_memory.py                       # every variant below
   python benchmarks/lora_memory.py --only lora,qlora --steps 6
   python benchmarks/lora_memory.py --only lora,qlora --mmap-threshold 1048576
+  python benchmarks/lora_memory.py --only lora,lora_recompute,full,full_recompute  # kept logits
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ VARIANTS = {
     "full_scan": ["--config.model.lora.rank=0", "--config.model.param_dtype=float32",
                   "--config.optim.lr=1e-5", "--config.model.scan_layers=True"],
     "lora_scan": ["--config.model.scan_layers=True"],
+    # The backward recomputes the vocabulary logits instead of reading the forward's (before
+    # session 30): less memory in flight, one vocabulary matmul more.
+    "full_recompute": ["--config.model.lora.rank=0", "--config.model.param_dtype=float32",
+                       "--config.optim.lr=1e-5", "--config.model.logprob_keep_mb=0"],
+    "lora_recompute": ["--config.model.logprob_keep_mb=0"],
 }
 
 
