@@ -12,12 +12,10 @@ median ms of each and their ratios (pass / decode).
 import os
 import argparse
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import sampler  # noqa: E402
 import train_step as ts  # noqa: E402
@@ -56,19 +54,9 @@ def main():
   state = steps.init_state(params, opt, seed=0)
   for f in fns.values():
     jax.block_until_ready(f(state, batch))
-  res = {k: [] for k in fns}
-  for _ in range(args.repeats):
-    for k, f in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(f(state, batch))
-      res[k].append(time.perf_counter() - start)
-  for k, v in res.items():
-    print(f"{preset} anchor_logp={k}: rollout jit best {min(v) * 1e3:.1f} ms, median "
-          f"{np.median(v) * 1e3:.1f} ms; calls {[round(x * 1e3) for x in v]}")
-  best, median = ({k: f(v) for k, v in res.items()} for f in (min, np.median))
-  print(f"pass / decode: {best['pass'] / best['decode']:.2f}x best / best, "
-        f"{median['pass'] / median['decode']:.2f}x median / median")
-
+  res = ts.alternated({k: lambda f=f: jax.block_until_ready(f(state, batch))
+                       for k, f in fns.items()}, args.repeats)
+  ts.print_alternated(res, f"{preset} rollout jit, anchor_logp=", "pass", "decode")
 
 if __name__ == "__main__":
   main()

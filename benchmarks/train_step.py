@@ -108,6 +108,28 @@ def step_floor(config, params, b: int, p: int, t: int, peak: float, bandwidth: f
           "optimizer + anchor": update}
 
 
+def alternated(calls: dict, repeats: int) -> dict:
+  """{name: [seconds]}: each of calls' no-argument functions (which block) timed `repeats` times,
+  alternated call by call so that a busy spell of a shared host slows every side."""
+  res = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, call in calls.items():
+      start = time.perf_counter()
+      call()
+      res[k].append(time.perf_counter() - start)
+  return res
+
+
+def print_alternated(res: dict, label: str, slow: str, fast: str) -> None:
+  """Best and median ms of each side of `alternated`, and slow / fast of both."""
+  for k, v in res.items():
+    print(f"{label}{k}: best {min(v) * 1e3:.1f} ms, median {np.median(v) * 1e3:.1f} ms; "
+          f"calls {[round(x * 1e3) for x in v]}")
+  best, median = ({k: f(v) for k, v in res.items()} for f in (min, np.median))
+  print(f"{slow} / {fast}: {best[slow] / best[fast]:.2f}x best / best, "
+        f"{median[slow] / median[fast]:.2f}x median / median")
+
+
 def reward_weights(vocab: int) -> np.ndarray:
   """The bag-of-tokens reward's hidden per-token weights, identical on both sides."""
   return np.random.default_rng(1).normal(size=vocab).astype(np.float32)
