@@ -15,12 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-import sampler  # noqa: E402
 import train_step as ts  # noqa: E402
-from bond import rewards, rollout as rl, steps  # noqa: E402
-from bond.models import gemma, presets  # noqa: E402
+from bond import rollout as rl, steps  # noqa: E402
 
 
 def main():
@@ -28,23 +25,7 @@ def main():
   parser.add_argument("repeats", type=int, nargs="?", default=8, help="calls of each jit")
   parser.add_argument("--gguf", action="store_true", help="the real Gemma 3 270M (GGUF)")
   args = parser.parse_args()
-  if args.gguf:
-    from bond import assets
-    from bond.models import convert
-    mc, params = convert.from_gguf(assets.gemma3_270m_gguf_path())
-    mc = mc.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    b, p = 4, 12
-    preset = "gemma3_270m"
-  else:
-    mc = presets.get("gemma3_35m", dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    params = gemma.init_params(mc.replace(dtype=jnp.float32), jax.random.key(0))
-    b, p = 16, 16
-    preset = "gemma3_35m"
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  mc = mc.replace(eos_id=-1)
-  tokens, _ = sampler.prompts(mc, b, p)
-  batch = {"prompt_tokens": jnp.asarray(tokens), "prompt_mask": jnp.ones(tokens.shape, bool)}
-  reward_fn = rewards.bag_of_tokens_reward(ts.reward_weights(mc.vocab_size))
+  preset, mc, params, batch, reward_fn = ts.jbond_setup(args.gguf)
   fns = {}
   for mode in ("decode", "pass"):
     config = ts.jbond_config(preset, 32, mode)

@@ -21,10 +21,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import sampler  # noqa: E402
 import train_step as ts  # noqa: E402
-from bond import lora as lora_lib, rewards, rollout as rl, steps  # noqa: E402
-from bond.models import gemma, presets  # noqa: E402
+from bond import lora as lora_lib, rollout as rl, steps  # noqa: E402
 
 
 def main():
@@ -37,22 +35,8 @@ def main():
   parser.add_argument("--keep-mb", type=float, default=None,
                       help="the kept side's budget (default: bond's, model.logprob_keep_mb)")
   args = parser.parse_args()
-  if args.gguf:
-    from bond import assets
-    from bond.models import convert
-    mc, params = convert.from_gguf(assets.gemma3_270m_gguf_path())
-    mc = mc.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    b, p, preset = 4, 12, "gemma3_270m"
-  else:
-    mc = presets.get("gemma3_35m", dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    params = gemma.init_params(mc.replace(dtype=jnp.float32), jax.random.key(0))
-    b, p, preset = 16, 16, "gemma3_35m"
-  t = 32
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  mc = mc.replace(eos_id=-1)
-  tokens, _ = sampler.prompts(mc, b, p)
-  batch = {"prompt_tokens": jnp.asarray(tokens), "prompt_mask": jnp.ones(tokens.shape, bool)}
-  reward_fn = rewards.bag_of_tokens_reward(ts.reward_weights(mc.vocab_size))
+  preset, mc, params, batch, reward_fn = ts.jbond_setup(args.gguf)
+  b, p, t = *batch["prompt_tokens"].shape, 32
   configs = {}
   for name in ("recomputed", "kept"):
     config = ts.jbond_config(preset, t)

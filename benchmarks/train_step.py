@@ -108,6 +108,34 @@ def step_floor(config, params, b: int, p: int, t: int, peak: float, bandwidth: f
           "optimizer + anchor": update}
 
 
+def jbond_setup(gguf: bool):
+  """(preset, model config, f32 params, prompt batch, reward fn) of this script's default run:
+  gemma3_35m with 16 prompts x 16 tokens, or (gguf) the real Gemma 3 270M with 4 x 12; bf16
+  compute, no eos. For the scripts that time one part of that step (anchor_logp.py,
+  kept_logits.py)."""
+  import jax
+  import jax.numpy as jnp
+
+  import sampler   # benchmarks/sampler.py
+  from bond import rewards
+  from bond.models import gemma, presets
+  if gguf:
+    from bond import assets
+    from bond.models import convert
+    mc, params = convert.from_gguf(assets.gemma3_270m_gguf_path())
+    mc = mc.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    b, p, preset = 4, 12, "gemma3_270m"
+  else:
+    mc = presets.get("gemma3_35m", dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    params = gemma.init_params(mc.replace(dtype=jnp.float32), jax.random.key(0))
+    b, p, preset = 16, 16, "gemma3_35m"
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  mc = mc.replace(eos_id=-1)
+  tokens, _ = sampler.prompts(mc, b, p)
+  batch = {"prompt_tokens": jnp.asarray(tokens), "prompt_mask": jnp.ones(tokens.shape, bool)}
+  return preset, mc, params, batch, rewards.bag_of_tokens_reward(reward_weights(mc.vocab_size))
+
+
 def alternated(calls: dict, repeats: int) -> dict:
   """{name: [seconds]}: each of calls' no-argument functions (which block) timed `repeats` times,
   alternated call by call so that a busy spell of a shared host slows every side."""
