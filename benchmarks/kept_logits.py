@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train_step as ts  # noqa: E402
-from bond import lora as lora_lib, rollout as rl, steps  # noqa: E402
+from bond import logprobs, lora as lora_lib, rollout as rl, steps  # noqa: E402
 
 
 def main():
@@ -51,7 +51,7 @@ def main():
   rows = b * 2 * t
   print(f"{preset}{' LoRA r 8' if args.lora else ''}: {b} prompts x ({p} + {t}), {rows} graded "
         f"rows x V {mc.vocab_size}: {rows * mc.vocab_size * 4 / 2**20:.0f} MiB of f32 logits; "
-        f"budget {keep_mb:g} MiB -> kept: {bool(rl.logprob_options(configs['kept'])['keep_logits_mb'] * 2**20 >= rows * mc.vocab_size * 4)}")
+        f"budget {keep_mb:g} MiB -> kept: {logprobs.keeps_logits(rows, mc.vocab_size, keep_mb)}")
   opt = steps.make_optimizer(configs["kept"].optim)
   spec = lora_lib.spec_from_config(configs["kept"], mc)
   state = steps.init_state(params, opt, seed=0, lora=spec)

@@ -157,8 +157,8 @@ def test_kept_logits_give_the_recomputed_gradients_with_one_matmul_fewer(softcap
                                                                          emb_dtype):
   """Under value_and_grad, a budget that holds the [N, V] f32 logits (here 20 x 100 x 4 B) makes
   the backward read the forward's logits: the same log-probs and gradients bit for bit, one
-  vocabulary matmul fewer per chunk in the compiled program, and an [N, V]-sized residual that
-  the recomputing program does not hold. One byte less than N x V x 4: recomputed."""
+  vocabulary matmul fewer per chunk body in the traced program and fewer dots in the compiled
+  one. One byte less than N x V x 4: recomputed (the control)."""
   k = jax.random.split(jax.random.key(1), 3)
   hidden = (3.0 * jax.random.normal(k[0], (20, 16))).astype(jnp.bfloat16)
   embedding = jax.random.normal(k[1], (100, 16)).astype(emb_dtype)
